@@ -1,0 +1,365 @@
+"""Parallel Vision Transformer (Touvron et al. 2022, "Three things everyone should know about ViTs", §3).
+
+Each of `depth` layers holds `num_parallel_branches` (P) attention branches, then P MLP branches:
+
+    x = x + Σ_p attn_p(norm_p(x))
+    x = x + Σ_p mlp_p(norm'_p(x))
+
+every branch with its own pre-LayerNorm, LayerScale and drop-path mask. P = 1 is the ordinary sequential ViT.
+
+Fusion. The branches are not run as P small matmuls one after another. A LayerNorm's normalisation (mean, var) is
+the same for every branch; only its affine scale/bias differs, and that folds into the next weight matrix:
+`(x̂·g + b) W = x̂ (diag(g) W) + b W`. So the P branches' qkv (and fc1) projections are one matmul of the shared x̂
+with the P folded weight matrices side by side, attention runs once over P·heads heads, and the P output
+projections (and fc2) are one matmul contracting over (branch, hidden); LayerScale folds into those weights and a
+per-sample drop-path scale commutes with them. Parameters stay per branch (leading axis P), so the maths is exactly
+the official per-branch block, with wider matmuls.
+
+Layers run under `nn.scan` (parameters stacked on a leading depth axis): compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sslvit.errors import ConfigError
+from sslvit.models.stems import get_stem
+
+Dtype = Any
+LN_EPS = 1e-6
+POOLS = ("cls", "mean")
+POS_EMBEDDINGS = ("learned", "sincos")
+
+
+def _pair(x) -> tuple[int, int]:
+    if isinstance(x, (tuple, list)):
+        return int(x[0]), int(x[1])
+    return int(x), int(x)
+
+
+def _normalize(x):
+    """LayerNorm without the affine part, in float32 (the affine part is folded into the next matmul)."""
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + LN_EPS)
+
+
+def _drop_path_scale(module: nn.Module, rate: float, branches: int, batch: int, train: bool):
+    """Per-branch, per-sample stochastic-depth scale (P, B) in {0, 1/keep}; None when inactive."""
+    if not train or rate == 0.0:
+        return None
+    keep = 1.0 - rate
+    kept = jax.random.bernoulli(module.make_rng("dropout"), keep, (branches, batch))
+    return kept.astype(jnp.float32) / keep
+
+
+def _trunc_normal(std=0.02):
+    return nn.initializers.truncated_normal(std)
+
+
+class ParallelAttention(nn.Module):
+    """P attention branches of one layer, computed fused. Returns the summed residual update Σ_p attn_p."""
+
+    dim: int
+    heads: int
+    dim_head: int
+    branches: int
+    drop_path: float = 0.0
+    layer_scale_init: Optional[float] = None
+    qkv_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        P, H, E, D = self.branches, self.heads, self.dim_head, self.dim
+        b, n, _ = x.shape
+        norm_scale = self.param("norm_scale", nn.initializers.ones, (P, D))
+        norm_bias = self.param("norm_bias", nn.initializers.zeros, (P, D))
+        qkv_kernel = self.param("qkv_kernel", _trunc_normal(), (P, D, 3, H, E))
+        qkv_bias = self.param("qkv_bias", nn.initializers.zeros, (P, 3, H, E)) if self.qkv_bias else 0.0
+        out_kernel = self.param("out_kernel", _trunc_normal(), (P, H, E, D))
+        out_bias = self.param("out_bias", nn.initializers.zeros, (P, D))
+        gamma = (
+            self.param("layer_scale", nn.initializers.constant(self.layer_scale_init), (P, D))
+            if self.layer_scale_init is not None else jnp.ones((P, D), jnp.float32)
+        )
+
+        # Fold each branch's LayerNorm affine into its qkv projection: one matmul for all branches.
+        w_qkv = norm_scale[:, :, None, None, None] * qkv_kernel
+        b_qkv = jnp.einsum("pd,pdthe->pthe", norm_bias, qkv_kernel) + qkv_bias
+        xhat = _normalize(x).astype(self.dtype)
+        qkv = jnp.einsum("bnd,pdthe->bnpthe", xhat, w_qkv.astype(self.dtype)) + b_qkv.astype(self.dtype)
+        q, k, v = (qkv[:, :, :, i].reshape(b, n, P * H, E) for i in range(3))
+
+        # One attention over P*H heads; softmax in float32 (bf16 logits overflow at high resolution).
+        logits = jnp.einsum("bqhe,bkhe->bhqk", q, k, preferred_element_type=jnp.float32) * (E**-0.5)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqk,bkhe->bqhe", probs, v).reshape(b, n, P, H, E)
+
+        # Output projections of all branches in one matmul over (branch, head, dim_head); LayerScale folded in.
+        w_out = (out_kernel * gamma[:, None, None, :]).astype(self.dtype)
+        bias = gamma * out_bias  # (P, D)
+        scale = _drop_path_scale(self, self.drop_path, P, b, train)
+        if scale is None:
+            return jnp.einsum("bnphe,phed->bnd", out, w_out) + bias.sum(0).astype(self.dtype)
+        out = out * scale.T[:, None, :, None, None].astype(self.dtype)
+        return jnp.einsum("bnphe,phed->bnd", out, w_out) + jnp.einsum("pb,pd->bd", scale, bias)[:, None].astype(self.dtype)
+
+
+class ParallelMLP(nn.Module):
+    """P MLP branches of one layer, computed fused. Returns the summed residual update Σ_p mlp_p."""
+
+    dim: int
+    mlp_dim: int
+    branches: int
+    dropout: float = 0.0
+    drop_path: float = 0.0
+    layer_scale_init: Optional[float] = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        P, M, D = self.branches, self.mlp_dim, self.dim
+        b = x.shape[0]
+        norm_scale = self.param("norm_scale", nn.initializers.ones, (P, D))
+        norm_bias = self.param("norm_bias", nn.initializers.zeros, (P, D))
+        fc1_kernel = self.param("fc1_kernel", _trunc_normal(), (P, D, M))
+        fc1_bias = self.param("fc1_bias", nn.initializers.zeros, (P, M))
+        fc2_kernel = self.param("fc2_kernel", _trunc_normal(), (P, M, D))
+        fc2_bias = self.param("fc2_bias", nn.initializers.zeros, (P, D))
+        gamma = (
+            self.param("layer_scale", nn.initializers.constant(self.layer_scale_init), (P, D))
+            if self.layer_scale_init is not None else jnp.ones((P, D), jnp.float32)
+        )
+
+        w1 = norm_scale[:, :, None] * fc1_kernel
+        b1 = jnp.einsum("pd,pdm->pm", norm_bias, fc1_kernel) + fc1_bias
+        xhat = _normalize(x).astype(self.dtype)
+        h = jnp.einsum("bnd,pdm->bnpm", xhat, w1.astype(self.dtype)) + b1.astype(self.dtype)
+        h = nn.gelu(h, approximate=False)
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+
+        w2 = (fc2_kernel * gamma[:, None, :]).astype(self.dtype)
+        bias = gamma * fc2_bias
+        scale = _drop_path_scale(self, self.drop_path, P, b, train)
+        if scale is None:
+            return jnp.einsum("bnpm,pmd->bnd", h, w2) + bias.sum(0).astype(self.dtype)
+        h = h * scale.T[:, None, :, None].astype(self.dtype)
+        return jnp.einsum("bnpm,pmd->bnd", h, w2) + jnp.einsum("pb,pd->bd", scale, bias)[:, None].astype(self.dtype)
+
+
+class ParallelLayer(nn.Module):
+    """One parallel layer: x += Σ attn branches; x += Σ MLP branches. Scanned over depth (carry = tokens)."""
+
+    dim: int
+    heads: int
+    dim_head: int
+    mlp_dim: int
+    branches: int
+    dropout: float = 0.0
+    drop_path: float = 0.0
+    layer_scale_init: Optional[float] = None
+    dtype: Dtype = jnp.float32
+    train: bool = False
+    return_features: bool = False
+
+    @nn.compact
+    def __call__(self, x, _):
+        # The residual stream stays float32; only matmul inputs use `dtype`.
+        update = ParallelAttention(
+            self.dim, self.heads, self.dim_head, self.branches, self.drop_path, self.layer_scale_init,
+            dtype=self.dtype, name="attn",
+        )(x, self.train)
+        x = x + nn.Dropout(self.dropout)(update, deterministic=not self.train).astype(jnp.float32)
+        update = ParallelMLP(
+            self.dim, self.mlp_dim, self.branches, self.dropout, self.drop_path, self.layer_scale_init,
+            dtype=self.dtype, name="mlp",
+        )(x, self.train)
+        x = x + nn.Dropout(self.dropout)(update, deterministic=not self.train).astype(jnp.float32)
+        return x, (x if self.return_features else None)
+
+
+def sincos_pos_embedding(grid_hw: tuple[int, int], dim: int) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding (MAE), shape (1, gh*gw, dim)."""
+    gh, gw = grid_hw
+    if dim % 4:
+        raise ConfigError(f"dim={dim} must be divisible by 4 for pos_embedding=sincos")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
+    yy, xx = np.meshgrid(np.arange(gh, dtype=np.float64), np.arange(gw, dtype=np.float64), indexing="ij")
+    out = [f(np.outer(c.reshape(-1), omega)) for c in (yy, xx) for f in (np.sin, np.cos)]
+    return np.concatenate(out, axis=1)[None].astype(np.float32)
+
+
+def resize_pos_embedding(posemb, new_grid: Sequence[int], old_grid: Optional[Sequence[int]] = None,
+                         num_extra_tokens: int = 0):
+    """Resize learned position embeddings (1, extra + gh*gw, D) to another grid: bicubic on the 2-D grid, the
+    `num_extra_tokens` leading rows (class token and the like) kept as they are. So a model trained at one
+    resolution loads at another (e.g. 224 -> 384, 32 -> 48)."""
+    posemb = jnp.asarray(posemb)
+    extra, grid = posemb[:, :num_extra_tokens], posemb[:, num_extra_tokens:]
+    n = grid.shape[1]
+    if old_grid is None:
+        side = int(round(np.sqrt(n)))
+        if side * side != n:
+            raise ConfigError(f"cannot infer a square grid from {n} position embeddings: pass old_grid")
+        old_grid = (side, side)
+    gh, gw = _pair(tuple(old_grid))
+    nh, nw = _pair(tuple(new_grid))
+    if gh * gw != n:
+        raise ConfigError(f"old_grid {gh}x{gw} does not match {n} position embeddings")
+    if (gh, gw) == (nh, nw):
+        return posemb
+    d = grid.shape[-1]
+    grid = jax.image.resize(grid.reshape(1, gh, gw, d).astype(jnp.float32), (1, nh, nw, d), method="bicubic")
+    return jnp.concatenate([extra, grid.reshape(1, nh * nw, d).astype(posemb.dtype)], axis=1)
+
+
+class ViT(nn.Module):
+    """Parallel Vision Transformer with a pluggable patch stem (Flax linen). Input NHWC images.
+
+    Arguments follow lucidrains' vit-pytorch (`image_size, patch_size, num_classes, dim, depth, heads, mlp_dim,
+    pool, channels, dim_head, dropout, emb_dropout`) plus `num_parallel_branches`, `drop_path`,
+    `layer_scale_init`, `stem`/`stem_norm`, `use_mask_token`, `pos_embedding`, `dtype` (activations; parameters
+    stay float32) and `remat`.
+
+    Rng streams: `emb_dropout` for the embedding dropout, `dropout` for dropout and drop path. With `train=False`
+    (the default) all of them are off and the output is deterministic; no rng is needed.
+
+    `__call__(img, train=False, mask=None, return_features=False)`: `mask` (B, N) bool replaces masked patch
+    embeddings with the learned mask token (needs `use_mask_token=True`); with `return_features` it returns
+    `(logits, {'layers': (depth, B, 1+N, D) each layer's tokens, 'tokens': final-normed tokens, 'pre_logits'})`.
+    `num_classes=0` gives no head: the output is the pooled pre-logits.
+    """
+
+    image_size: Any
+    patch_size: int
+    num_classes: int
+    dim: int
+    depth: int
+    heads: int
+    mlp_dim: int
+    num_parallel_branches: int = 1
+    pool: str = "cls"
+    channels: int = 3
+    dim_head: Optional[int] = None
+    dropout: float = 0.0
+    emb_dropout: float = 0.0
+    drop_path: float = 0.0
+    layer_scale_init: Optional[float] = None
+    stem: str = "linear"
+    stem_norm: str = "batch"
+    use_mask_token: bool = False
+    pos_embedding: str = "learned"
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    def __post_init__(self):
+        self.validate()
+        super().__post_init__()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the offending argument; called at construction, before any compute."""
+        ih, iw = _pair(self.image_size)
+        p = self.patch_size
+        if not isinstance(p, int) or p < 1:
+            raise ConfigError(f"patch_size={p!r} must be a positive integer")
+        if ih < 1 or iw < 1 or ih % p or iw % p:
+            raise ConfigError(f"image_size={self.image_size} is not divisible by patch_size={p}: "
+                              f"choose an image size that is a multiple of the patch size")
+        for name in ("dim", "depth", "heads", "mlp_dim", "channels"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise ConfigError(f"{name}={v!r} must be a positive integer")
+        if self.dim_head is None and self.dim % self.heads:
+            raise ConfigError(f"dim={self.dim} is not divisible by heads={self.heads}: "
+                              f"choose heads dividing dim, or set dim_head")
+        if self.dim_head is not None and self.dim_head < 1:
+            raise ConfigError(f"dim_head={self.dim_head} must be a positive integer")
+        if not isinstance(self.num_parallel_branches, (int, np.integer)) or self.num_parallel_branches < 1:
+            raise ConfigError(f"num_parallel_branches={self.num_parallel_branches!r} must be >= 1 "
+                              f"(1 = sequential ViT, 2 = the paper's parallel ViT)")
+        if self.num_classes < 0:
+            raise ConfigError(f"num_classes={self.num_classes} must be >= 0 (0 = no head)")
+        if self.pool not in POOLS:
+            raise ConfigError(f"pool={self.pool!r} is not supported: choose one of {list(POOLS)}")
+        if self.pos_embedding not in POS_EMBEDDINGS:
+            raise ConfigError(f"pos_embedding={self.pos_embedding!r}: choose one of {list(POS_EMBEDDINGS)}")
+        for name in ("dropout", "emb_dropout", "drop_path"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"{name}={v} must be in [0, 1)")
+        if self.layer_scale_init is not None and not self.layer_scale_init > 0:
+            raise ConfigError(f"layer_scale_init={self.layer_scale_init} must be > 0 (or null for no LayerScale)")
+        get_stem(self.stem).validate(self.dim, p, self.stem_norm)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        ih, iw = _pair(self.image_size)
+        return ih // self.patch_size, iw // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid_size
+        return gh * gw
+
+    @nn.compact
+    def __call__(self, img, train: bool = False, mask=None, return_features: bool = False):
+        b = img.shape[0]
+        dim_head = self.dim_head or self.dim // self.heads
+        ih, iw = _pair(self.image_size)
+        if img.shape[1:] != (ih, iw, self.channels):
+            raise ConfigError(f"input images have shape {img.shape[1:]}, the model expects {(ih, iw, self.channels)} "
+                              f"(NHWC): resize the images or set image_size")
+
+        stem_cls = get_stem(self.stem)
+        x = stem_cls(self.dim, self.patch_size, self.channels, self.stem_norm, dtype=self.dtype, name="stem")(
+            img.astype(self.dtype), train=train)
+        x = x.reshape(b, -1, self.dim).astype(jnp.float32)
+
+        if mask is not None:
+            if not self.use_mask_token:
+                raise ConfigError("a patch mask was passed to a ViT built without use_mask_token=True")
+            mask_token = self.param("mask_token", _trunc_normal(), (1, 1, self.dim))
+            x = jnp.where(mask[..., None], mask_token, x)
+        elif self.use_mask_token:
+            self.param("mask_token", _trunc_normal(), (1, 1, self.dim))  # created at init even without a mask
+
+        if self.pos_embedding == "learned":
+            pos = self.param("pos_embedding", _trunc_normal(), (1, self.num_patches, self.dim))
+        else:
+            pos = jnp.asarray(sincos_pos_embedding(self.grid_size, self.dim))
+        x = x + pos  # patch tokens only; the class token has none (as the official 3-things code)
+
+        cls = self.param("cls_token", _trunc_normal(), (1, 1, self.dim))
+        x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.dim)), x], axis=1)
+        x = nn.Dropout(self.emb_dropout, rng_collection="emb_dropout")(x, deterministic=not train)
+
+        layer = ParallelLayer
+        if self.remat:
+            layer = nn.remat(layer, prevent_cse=False)
+        layers = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            length=self.depth,
+        )(
+            self.dim, self.heads, dim_head, self.mlp_dim, self.num_parallel_branches, self.dropout, self.drop_path,
+            self.layer_scale_init, self.dtype, train, return_features, name="layers",
+        )
+        x, per_layer = layers(x, None)
+
+        tokens = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name="norm")(x)
+        pre_logits = tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(axis=1)
+        if self.num_classes > 0:
+            out = nn.Dense(self.num_classes, kernel_init=_trunc_normal(), dtype=jnp.float32, name="head")(pre_logits)
+        else:
+            out = pre_logits
+        if return_features:
+            return out, {"layers": per_layer, "tokens": tokens, "pre_logits": pre_logits}
+        return out
