@@ -233,7 +233,8 @@ class ViT(nn.Module):
 
     `__call__(img, train=False, mask=None, return_features=False)`: `mask` (B, N) bool replaces masked patch
     embeddings with the learned mask token (needs `use_mask_token=True`); with `return_features` it returns
-    `(logits, {'layers': (depth, B, 1+N, D) each layer's tokens, 'tokens': final-normed tokens, 'pre_logits'})`.
+    `(logits, {'layers': (depth, B, 1+N, D) each layer's tokens, 'tokens': final-normed tokens, 'pre_logits'})`
+    ('layers' is None with `collect_layers=False`, which spares the stacked per-layer copies).
     `num_classes=0` gives no head: the output is the pooled pre-logits.
     """
 
@@ -309,7 +310,8 @@ class ViT(nn.Module):
         return gh * gw
 
     @nn.compact
-    def __call__(self, img, train: bool = False, mask=None, return_features: bool = False):
+    def __call__(self, img, train: bool = False, mask=None, return_features: bool = False,
+                 collect_layers: bool = True):
         b = img.shape[0]
         dim_head = self.dim_head or self.dim // self.heads
         ih, iw = _pair(self.image_size)
@@ -350,7 +352,7 @@ class ViT(nn.Module):
             length=self.depth,
         )(
             self.dim, self.heads, dim_head, self.mlp_dim, self.num_parallel_branches, self.dropout, self.drop_path,
-            self.layer_scale_init, self.dtype, train, return_features, name="layers",
+            self.layer_scale_init, self.dtype, train, return_features and collect_layers, name="layers",
         )
         x, per_layer = layers(x, None)
 

@@ -1,0 +1,275 @@
+"""What every training stage shares: the train state, one jitted step (gradient accumulation, non-finite guard),
+data-parallel sharding over a device mesh, device prefetch, and the loop (logging, checkpoints, resume,
+preemption).
+
+A stage (pretraining, fine-tuning) supplies a pure `loss_fn(params, batch_stats, batch, rng, consts) ->
+(loss, (metrics, new_batch_stats))` and a host iterator of batches; everything else is here. `consts` are arrays
+the step reads but never changes (e.g. the tokenizer's codebook): arguments, not constants baked into the HLO.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sslvit.errors import ConfigError
+from sslvit.finetune_modes import merge
+
+log = logging.getLogger(__name__)
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array
+    params: Any  # the trainable parameters (the optimiser sees only these)
+    frozen: Any  # parameters that do not train: no gradient, no optimiser state
+    batch_stats: Any  # BatchNorm running statistics ({} without BatchNorm)
+    opt_state: Any
+    nonfinite_total: jax.Array  # steps skipped because the loss or a gradient was not finite
+    nonfinite_streak: jax.Array  # ... of which consecutive up to now
+
+    @classmethod
+    def create(cls, params, frozen, batch_stats, optimizer) -> "TrainState":
+        zero = jnp.zeros((), jnp.int32)
+        return cls(step=zero, params=params, frozen=frozen, batch_stats=batch_stats or {},
+                   opt_state=optimizer.init(params), nonfinite_total=zero, nonfinite_streak=zero)
+
+    def all_params(self):
+        return merge(self.params, self.frozen)
+
+
+LossFn = Callable[[Any, Any, Mapping[str, jax.Array], jax.Array, Any], tuple[jax.Array, tuple[dict, Any]]]
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, seed: int,
+                    accum_steps: int = 1, schedule: Optional[optax.Schedule] = None):
+    """A pure train step `(state, batch, consts) -> (state, metrics)`.
+
+    Randomness is `fold_in(key(seed), step)`: a resumed run draws the same dropout / drop-path masks. With
+    `accum_steps > 1` the batch is split into micro-batches whose gradients are averaged (scan), so small machines
+    run the recipes' batch sizes. A step whose loss or gradient norm is not finite changes nothing but the
+    non-finite counters.
+    """
+    base_key = jax.random.key(seed)
+
+    def grads_of(params, frozen, batch_stats, batch, rng, consts):
+        def f(p):
+            return loss_fn(merge(p, frozen), batch_stats, batch, rng, consts)
+
+        (loss, (metrics, new_stats)), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return loss, metrics, new_stats, grads
+
+    def step_fn(state: TrainState, batch, consts=None):
+        rng = jax.random.fold_in(base_key, state.step)
+        if accum_steps == 1:
+            loss, metrics, new_stats, grads = grads_of(state.params, state.frozen, state.batch_stats, batch, rng, consts)
+        else:
+            # Micro-batch j takes rows j, j+A, j+2A...: each device keeps its own rows (no resharding).
+            micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, accum_steps, *x.shape[1:]), 0, 1), batch)
+
+            def body(carry, xs):
+                g_sum, stats, l_sum, m_sum = carry
+                j, mb = xs
+                loss, metrics, stats, grads = grads_of(state.params, state.frozen, stats, mb,
+                                                       jax.random.fold_in(rng, j), consts)
+                g_sum = jax.tree.map(jnp.add, g_sum, grads)
+                m_sum = jax.tree.map(jnp.add, m_sum, metrics)
+                return (g_sum, stats, l_sum + loss, m_sum), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            first = jax.tree.map(lambda x: x[0], micro)
+            m_shape = jax.eval_shape(lambda: grads_of(state.params, state.frozen, state.batch_stats, first, rng,
+                                                       consts)[1])
+            m_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
+            (grads, new_stats, loss, metrics), _ = jax.lax.scan(
+                body, (zeros, state.batch_stats, jnp.zeros((), jnp.float32), m_zero),
+                (jnp.arange(accum_steps), micro))
+            grads = jax.tree.map(lambda g: g / accum_steps, grads)
+            loss = loss / accum_steps
+            metrics = jax.tree.map(lambda m: m / accum_steps, metrics)
+
+        grad_norm = optax.global_norm(grads)
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def keep_if_ok(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep_if_ok(new_params, state.params),
+            opt_state=keep_if_ok(new_opt_state, state.opt_state),
+            batch_stats=keep_if_ok(new_stats, state.batch_stats),
+            nonfinite_total=state.nonfinite_total + (~ok).astype(jnp.int32),
+            nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1),
+        )
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, nonfinite_steps=new_state.nonfinite_total)
+        if schedule is not None:
+            metrics["lr"] = schedule(state.step)
+        return new_state, metrics
+
+    return step_fn
+
+
+# ------------------------------------------------------------------------------------------------ sharding
+def make_mesh() -> jax.sharding.Mesh:
+    """A 1-D data-parallel mesh over every device of every process."""
+    return jax.make_mesh((jax.device_count(),), ("data",))
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P("data"))
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def to_global(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
+    """A process's local rows -> one global array sharded over the batch axis (works across hosts)."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def prefetch_to_device(host_batches: Iterator[Mapping[str, np.ndarray]], sharding: NamedSharding,
+                       size: int = 2) -> Iterator[dict]:
+    """Prepare and transfer the next batches in a background thread while the device computes."""
+    q: queue.Queue = queue.Queue(maxsize=size)
+    done = object()
+    stop = threading.Event()
+
+    def producer():
+        try:
+            for batch in host_batches:
+                if stop.is_set():
+                    return
+                q.put(to_global(batch, sharding))
+            q.put(done)
+        except BaseException as e:  # surface the error in the consumer
+            q.put(e)
+
+    threading.Thread(target=producer, daemon=True).start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+class Preempted(Exception):
+    """SIGTERM (or Ctrl-C) arrived; a checkpoint of the current step was saved."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped at step {step}; a checkpoint was saved: run the same command with resume=true")
+        self.step = step
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class _StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (never mid-step, never mid-save)."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:  # a second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def step_flops(jitted_step, *args) -> Optional[float]:
+    """FLOPs of one compiled step from XLA's cost analysis (None where the backend doesn't say)."""
+    try:
+        cost = jitted_step.lower(*args).compile().cost_analysis()
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0]
+        return float(cost["flops"]) if cost and "flops" in cost else None
+    except Exception:  # cost analysis is best-effort
+        return None
+
+
+def fit(*, state: TrainState, step_fn, batches: Iterator[dict], total_steps: int, checkpointer, writer,
+        consts=None,
+        log_every: int, ckpt_every: int, images_per_step: int, meta: dict, max_nonfinite_streak: int = 20,
+        progress: bool = True, desc: str = "train") -> tuple[TrainState, dict]:
+    """Run `step_fn` from `state.step` to `total_steps`. Logs every `log_every` steps (the only host reads),
+    checkpoints every `ckpt_every` steps and at the end; SIGTERM/Ctrl-C saves the current step and raises
+    `Preempted`; too many consecutive non-finite steps raises NonFiniteError naming the last good checkpoint."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    start = int(jax.device_get(state.step))
+    is_main = jax.process_index() == 0
+    bar = tqdm(total=total_steps, initial=start, desc=desc, disable=not (progress and is_main), dynamic_ncols=True)
+    last: dict = {}
+    t_last, step_last = time.perf_counter(), start
+    with _StopSignal() as stop:
+        for step in range(start, total_steps):
+            batch = next(batches)
+            state, metrics = step_fn(state, batch, consts)
+            done = step + 1
+            if done % log_every == 0 or done == total_steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                metrics["images_per_sec"] = images_per_step * (done - step_last) / max(now - t_last, 1e-9)
+                t_last, step_last = now, done
+                writer.write(done, metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_sec']:.0f}")
+                last = metrics
+                streak = int(jax.device_get(state.nonfinite_streak))
+                if streak >= max_nonfinite_streak:
+                    good = checkpointer.latest_step()
+                    raise NonFiniteError(
+                        f"{streak} consecutive steps had a non-finite loss or gradient (up to step {done}); "
+                        f"stopping. The last good checkpoint is step {good} in {checkpointer.directory}: lower "
+                        f"optim.lr, raise optim.warmup_steps or use model.dtype=float32, then resume=true")
+            bar.update(1)
+            if stop.received is not None:
+                checkpointer.save(done, state, meta=meta, force=True)
+                checkpointer.wait()
+                writer.flush()
+                bar.close()
+                raise Preempted(done)
+            if done % ckpt_every == 0 and done != total_steps:
+                checkpointer.save(done, state, meta=meta)
+    checkpointer.save(total_steps, state, meta=meta, force=True)
+    checkpointer.wait()
+    writer.flush()
+    bar.close()
+    return state, last
+
+
+def check_loop_config(cfg: Mapping) -> None:
+    for key in ("steps", "log_every", "ckpt_every"):
+        v = cfg.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{key}={v!r} must be an integer >= 1")
