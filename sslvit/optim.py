@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import traverse_util
+from omegaconf import DictConfig, OmegaConf
 
 from sslvit.errors import ConfigError
 
@@ -67,16 +68,24 @@ def scale_by_tree(scales) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
+def _cfg(cfg: Mapping) -> DictConfig:
+    return cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
+
+
 def lr_schedule(cfg: Mapping, total_steps: int) -> optax.Schedule:
+    cfg = _cfg(cfg)
     warmup = int(cfg.get("warmup_steps", 0))
     warmup = min(warmup, max(total_steps - 1, 0))
     end_lr = float(cfg.get("min_lr", 0.0))
+    # Warmup starts at lr/warmup, not 0: the first step is not wasted.
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup else float(cfg.lr), peak_value=float(cfg.lr), warmup_steps=warmup,
+        init_value=float(cfg.lr) / warmup if warmup else float(cfg.lr), peak_value=float(cfg.lr), warmup_steps=warmup,
         decay_steps=max(total_steps, warmup + 1), end_value=end_lr)
 
 
 def validate(cfg: Mapping) -> None:
+    cfg = _cfg(cfg)
+
     def check(name, ok, allowed):
         if not ok:
             raise ConfigError(f"optim.{name}={cfg.get(name)!r} is out of range: {allowed}")
@@ -104,6 +113,7 @@ def make_optimizer(cfg: Mapping, params, *, total_steps: int, depth: int | None 
 
     Returns (optimizer, schedule). `params` is the trainable tree (only its structure is used).
     """
+    cfg = _cfg(cfg)
     validate(cfg)
     schedule = lr_schedule(cfg, total_steps)
     parts = []
