@@ -124,8 +124,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
 # ------------------------------------------------------------------------------------------------ sharding
 def make_mesh() -> jax.sharding.Mesh:
-    """A 1-D data-parallel mesh over every device of every process."""
-    return jax.make_mesh((jax.device_count(),), ("data",))
+    """A 1-D data-parallel mesh over every device of every process. Auto axes: XLA propagates the batch sharding
+    through the model (explicit sharding-in-types would need annotations on every reshape)."""
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def batch_sharding(mesh) -> NamedSharding:
