@@ -25,7 +25,7 @@ from sslvit.errors import ConfigError
 from sslvit.metrics import MetricWriter
 from sslvit.models.mim import MaskedImageModel
 from sslvit.train import (TrainState, batch_sharding, check_loop_config, fit, make_mesh, make_train_step,
-                          prefetch_to_device, replicated, step_flops)
+                          prefetch_to_device, replicated)
 
 log = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"

@@ -40,9 +40,11 @@ class TrainState(struct.PyTreeNode):
 
     @classmethod
     def create(cls, params, frozen, batch_stats, optimizer) -> "TrainState":
-        zero = jnp.zeros((), jnp.int32)
-        return cls(step=zero, params=params, frozen=frozen, batch_stats=batch_stats or {},
-                   opt_state=optimizer.init(params), nonfinite_total=zero, nonfinite_streak=zero)
+        def zero():  # distinct buffers: one shared array would be donated twice
+            return jnp.zeros((), jnp.int32)
+
+        return cls(step=zero(), params=params, frozen=frozen, batch_stats=batch_stats or {},
+                   opt_state=optimizer.init(params), nonfinite_total=zero(), nonfinite_streak=zero())
 
     def all_params(self):
         return merge(self.params, self.frozen)
@@ -206,17 +208,6 @@ class _StopSignal:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-def step_flops(jitted_step, *args) -> Optional[float]:
-    """FLOPs of one compiled step from XLA's cost analysis (None where the backend doesn't say)."""
-    try:
-        cost = jitted_step.lower(*args).compile().cost_analysis()
-        if isinstance(cost, (list, tuple)):
-            cost = cost[0]
-        return float(cost["flops"]) if cost and "flops" in cost else None
-    except Exception:  # cost analysis is best-effort
-        return None
 
 
 def fit(*, state: TrainState, step_fn, batches: Iterator[dict], total_steps: int, checkpointer, writer,
