@@ -1,0 +1,167 @@
+"""Pretraining end to end on real CIFAR-10 (tiny model), resume, data parallelism and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import CONF_DIR, TINY_PRETRAIN, compose_config as compose
+
+from sslvit import ConfigError
+from sslvit.checkpoint import load_params
+from sslvit.metrics import read_metrics
+from sslvit.pretraining import Pretraining, pretrain
+from sslvit.train import Preempted
+
+REPO = CONF_DIR.parent
+TINY = TINY_PRETRAIN
+requires_cifar10 = pytest.mark.skipif(
+    not (os.environ.get("TFDS_DATA_DIR") and os.path.isdir(os.path.join(os.environ["TFDS_DATA_DIR"], "cifar10"))),
+    reason="TFDS_DATA_DIR does not hold cifar10 (see ../shared/README.md); no internet here")
+
+
+@requires_cifar10
+def test_pretraining_run_learns_and_writes_its_run_dir(pretrain_run):
+    run_dir = pretrain_run
+    results = json.loads((run_dir / "results.json").read_text())
+    for name in ("results.json", "tokenizer.npz", "metrics.jsonl", "checkpoints", "tb"):
+        assert (run_dir / name).exists(), name
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [10, 20, 30, 40, 50, 60]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert 0 < rows[0]["lr"] and rows[-1]["lr"] < max(r["lr"] for r in rows)  # warmup then decay
+    assert results["nonfinite_steps"] == 0
+    # Held-out masked-token accuracy clearly above chance (always the most frequent code).
+    assert results["test_accuracy"] > 1.4 * results["chance_accuracy"], results
+    params, meta = load_params(run_dir)
+    assert meta["stage"] == "pretrain" and meta["model"]["dim"] == 64 and meta["model"]["stem"] == "hmlp"
+    assert params["encoder"]["layers"]["attn"]["qkv_kernel"].shape == (2, 2, 64, 3, 2, 32)
+
+
+def _kill_when_step_logged(run_dir, step: int, timeout: float = 300):
+    """SIGTERM this process once metrics.jsonl shows `step` (what a scheduler's preemption does)."""
+    def watch():
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            try:
+                if any(r["step"] >= step for r in read_metrics(run_dir)):
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+            except Exception:
+                pass
+            time.sleep(0.05)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+@requires_cifar10
+def test_sigterm_saves_and_resume_matches_uninterrupted_run_bitwise(tmp_path):
+    overrides = TINY + ["steps=16", "log_every=2", "ckpt_every=100", "eval_batches=0", "model.drop_path=0.2",
+                        "batch_size=32"]
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    pretrain(compose("pretrain", overrides), full_dir)
+
+    _kill_when_step_logged(cut_dir, 6)
+    with pytest.raises(Preempted) as stopped:
+        pretrain(compose("pretrain", overrides), cut_dir)
+    assert 6 <= stopped.value.step < 16
+    with pytest.raises(ConfigError, match="resume=true"):  # a second plain start must not clobber the run
+        Pretraining(compose("pretrain", overrides), cut_dir).run()
+    pretrain(compose("pretrain", overrides + ["resume=true"]), cut_dir)
+
+    a, _ = load_params(full_dir)
+    b, _ = load_params(cut_dir)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    steps = [r["step"] for r in read_metrics(cut_dir)]
+    assert steps == sorted(set(steps)) and steps[-1] == 16  # no duplicated rows after resume
+
+
+DP_SCRIPT = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from conftest import TINY_PRETRAIN as TINY, compose_config as compose
+from sslvit.pretraining import Pretraining
+from sslvit import optim
+from sslvit.train import make_mesh, replicated, batch_sharding, to_global, make_train_step
+cfg = compose("pretrain", TINY + ["model.drop_path=0.0"])
+p = Pretraining(cfg, "/tmp/unused")
+mesh = make_mesh()
+opt, sched = optim.make_optimizer(cfg.optim, jax.eval_shape(p.init_state_params), total_steps=10)
+state = jax.jit(lambda: p.init_state(opt), out_shardings=replicated(mesh))()
+rng = np.random.default_rng(0)
+images = rng.normal(size=(64, 32, 32, 3)).astype(np.float32)
+consts = {"codebook": jnp.asarray(rng.normal(size=(64, 48)).astype(np.float32)), "counts": jnp.ones(64, jnp.int32)}
+step = jax.jit(make_train_step(p.loss_fn, opt, seed=0), donate_argnums=(0,))
+losses = []
+for i in range(3):
+    batch = to_global({"image": images, "mask": p.sampler(np.random.default_rng(i), 64)}, batch_sharding(mesh))
+    state, m = step(state, batch, consts)
+    losses.append(float(m["loss"]))
+print(json.dumps({"devices": jax.device_count(), "losses": losses,
+                  "sharded": len(batch["image"].sharding.device_set)}))
+"""
+
+
+def _run_dp(n_devices: int) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
+               PYTHONPATH=f"{REPO / 'tests'}{os.pathsep}{REPO}", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", DP_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_data_parallel_on_8_devices_matches_one_device():
+    one, eight = _run_dp(1), _run_dp(8)
+    assert one["devices"] == 1 and eight["devices"] == 8 and eight["sharded"] == 8
+    # Same global batch, BatchNorm statistics over the global batch (hMLP stem): same losses step after step.
+    np.testing.assert_allclose(eight["losses"], one["losses"], rtol=2e-5)
+    assert eight["losses"][-1] != eight["losses"][0]
+
+
+@pytest.mark.parametrize("override,match", [
+    ("mask_ratio=1.5", "mask_ratio=1.5"),
+    ("mask_ratio=0.001", "masks 0 of 64 patches"),
+    ("mask_ratio=abc", "mask_ratio='abc'"),
+    ("target.vocab_size=1", "vocab_size"),
+    ("model.image_size=30", "image_size=30 is not divisible by patch_size=4"),
+    ("model.heads=5", "dim=64 is not divisible by heads=5"),
+    ("model.depth=two", "model.depth='two'"),
+    ("optim.lr=0", "optim.lr=0"),
+    ("steps=0", "steps=0"),
+    ("batch_size=-4", "batch_size=-4"),
+])
+def test_bad_config_values_fail_at_construction(override, match):
+    with pytest.raises(ConfigError, match=match):
+        Pretraining(compose("pretrain", TINY + [override]), "/tmp/never_written")
+
+
+def test_missing_dataset_is_one_clear_error(tmp_path):
+    cfg = compose("pretrain", TINY + [f"data.data_dir={tmp_path}", "data.download=false"])
+    with pytest.raises(ConfigError, match=r"cifar10.*not"):
+        Pretraining(cfg, tmp_path / "run").run()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _cli(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, str(REPO / "pretrain.py"), *args, "hydra.run.dir=/tmp/sslvit_cli_test"],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def test_cli_prints_one_line_for_bad_input():
+    out = _cli("mask_ratio=1.5")
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "mask_ratio=1.5" in errors[0]
+    assert "Traceback" not in out.stderr
+    unknown = _cli("stem=resnet")
+    assert unknown.returncode != 0 and "stem" in unknown.stderr and "hmlp" in unknown.stderr
