@@ -80,11 +80,19 @@ class Pretraining:
             cfg["path"] = str(saved)  # a resumed run keeps the tokenizer it started with
 
         def images():
-            it = data_lib.make_train_iterator(self.data_cfg, batch_size=min(256, self.local_batch_size() * 2),
-                                              image_size=self.image_size, seed=self.seed + 1, augment=False)
+            # Every process reads the same images (the whole split, not its shard): one tokenizer for all.
+            it = data_lib.make_train_iterator(self.data_cfg, batch_size=min(256, self.batch_size * 2),
+                                              image_size=self.image_size, seed=self.seed + 1, augment=False,
+                                              process_index=0, process_count=1)
             return (b["image"] for b in it)
 
-        return targets.fit_or_load(self.target, cfg, images, self.seed, self.run_dir)
+        main = jax.process_index() == 0
+        state = targets.fit_or_load(self.target, cfg, images, self.seed, self.run_dir if main else None)
+        if jax.process_count() > 1:  # bit-identical consts on every process, whatever each device computed
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+
+            state = multihost_utils.broadcast_one_to_all(state)
+        return state
 
     @property
     def image_size(self) -> int:
