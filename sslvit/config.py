@@ -49,11 +49,22 @@ def build_vit(model_cfg: Mapping, *, num_classes: int = 0, **overrides) -> ViT:
             raise ConfigError(f"model.{key}={kw[key]!r} must be a number in [0, 1)")
     if kw.get("layer_scale_init") is not None and not _is_number(kw["layer_scale_init"]):
         raise ConfigError(f"model.layer_scale_init={kw['layer_scale_init']!r} must be a number > 0, or null")
-    for key in ("image_size", "patch_size", "dim", "depth", "heads", "mlp_dim", "num_parallel_branches"):
-        if key in kw and not (isinstance(kw[key], int) and not isinstance(kw[key], bool)):
-            if not (key == "image_size" and isinstance(kw[key], (list, tuple))):
-                raise ConfigError(f"model.{key}={kw[key]!r} must be a positive integer")
+    for key in ("image_size", "patch_size", "dim", "depth", "heads", "mlp_dim", "num_parallel_branches", "channels",
+                "dim_head"):
+        if key not in kw or (key == "dim_head" and kw[key] is None):
+            continue
+        v = kw[key]
+        if not (_is_positive_int(v) or (key == "image_size" and isinstance(v, (list, tuple)) and len(v) == 2
+                                        and all(map(_is_positive_int, v)))):
+            raise ConfigError(f"model.{key}={v!r} must be a positive integer"
+                              f"{' (or null: dim // heads)' if key == 'dim_head' else ''}")
+    if "remat" in kw and not isinstance(kw["remat"], bool):
+        raise ConfigError(f"model.remat={kw['remat']!r} must be true or false")
     return ViT(num_classes=num_classes, dtype=DTYPES[dtype], **kw)
+
+
+def _is_positive_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
 
 def _is_number(x) -> bool:

@@ -90,7 +90,11 @@ def validate(cfg: Mapping) -> None:
         if not ok:
             raise ConfigError(f"optim.{name}={cfg.get(name)!r} is out of range: {allowed}")
 
+    check("name", cfg.get("name", "adamw") == "adamw", "the only optimiser is adamw (conf/optim/adamw.yaml)")
     check("lr", _num(cfg.get("lr")) and 0 < cfg.lr < 10, "must be a number in (0, 10)")
+    check("min_lr", _num(cfg.get("min_lr", 0)) and 0 <= cfg.get("min_lr", 0) <= cfg.lr,
+          f"must be a number in [0, optim.lr={cfg.lr}] (the end of the cosine decay)")
+    check("eps", _num(cfg.get("eps", 1e-8)) and 0 < cfg.get("eps", 1e-8) < 1, "must be a number in (0, 1), e.g. 1e-8")
     check("weight_decay", _num(cfg.get("weight_decay", 0)) and 0 <= cfg.get("weight_decay", 0) < 10, "must be >= 0")
     check("b1", _num(cfg.get("b1", 0.9)) and 0 <= cfg.get("b1", 0.9) < 1, "must be in [0, 1)")
     check("b2", _num(cfg.get("b2", 0.999)) and 0 <= cfg.get("b2", 0.999) < 1, "must be in [0, 1)")

@@ -52,6 +52,10 @@ class Pretraining:
                                                  **mask_cfg)
         target_cfg = to_dict(cfg["target"])
         self.target_cfg = target_cfg
+        path = target_cfg.get("path")
+        if path is not None and not Path(os.path.expanduser(str(path))).is_file():  # found now, not after the data
+            raise ConfigError(f"target.path={path!r}: no such file; point it at the {targets.TOKENIZER_FILENAME} of "
+                              f"an earlier run, or set target.path=null to fit a new tokenizer")
         self.target = targets.make_target(target_cfg["name"], patch_size=self.encoder.patch_size,
                                           channels=self.encoder.channels, **target_cfg)
         self.data_cfg = data_lib.DataConfig.from_cfg(cfg["data"])
@@ -194,8 +198,8 @@ class Pretraining:
 
     def evaluate(self, state, consts, mesh) -> dict:
         """Masked-token accuracy (or pixel MSE) on the test split, with masks fixed by the seed."""
-        n_batches = int(self.cfg.get("eval_batches", 0))
-        if n_batches <= 0:
+        n_batches = self.cfg.get("eval_batches", 0)  # null: the whole test split
+        if n_batches == 0:
             return {}
         rep, data_sh = replicated(mesh), batch_sharding(mesh)
         n = self.local_batch_size()
@@ -207,7 +211,7 @@ class Pretraining:
         from sslvit.train import to_global  # noqa: PLC0415
 
         for i, batch in enumerate(it):
-            if i >= n_batches:
+            if n_batches is not None and i >= n_batches:
                 break
             valid = batch["valid"]
             if not valid.all():  # static shapes: evaluate full batches only

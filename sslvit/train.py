@@ -239,11 +239,14 @@ def fit(*, state: TrainState, step_fn, batches: Iterator[dict], total_steps: int
                 last = metrics
                 streak = int(jax.device_get(state.nonfinite_streak))
                 if streak >= max_nonfinite_streak:
+                    # Skipped steps leave the state untouched, so every saved checkpoint holds finite parameters.
                     good = checkpointer.latest_step()
+                    where = (f"the last good checkpoint is step {good} in {checkpointer.directory}" if good is not None
+                             else "no checkpoint was saved yet")
                     raise NonFiniteError(
-                        f"{streak} consecutive steps had a non-finite loss or gradient (up to step {done}); "
-                        f"stopping. The last good checkpoint is step {good} in {checkpointer.directory}: lower "
-                        f"optim.lr, raise optim.warmup_steps or use model.dtype=float32, then resume=true")
+                        f"{streak} consecutive steps had a non-finite loss or gradient (up to step {done}, "
+                        f"{int(jax.device_get(state.nonfinite_total))} in all); stopping: {where}. Lower optim.lr, "
+                        f"raise optim.warmup_steps or use model.dtype=float32, then run again with resume=true")
             bar.update(1)
             if stop.received is not None:
                 checkpointer.save(done, state, meta=meta, force=True)
@@ -261,7 +264,20 @@ def fit(*, state: TrainState, step_fn, batches: Iterator[dict], total_steps: int
 
 
 def check_loop_config(cfg: Mapping) -> None:
+    """The top-level keys every training stage shares, as a user types them (`steps=ten`, `resume=maybe`)."""
     for key in ("steps", "log_every", "ckpt_every"):
         v = cfg.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ConfigError(f"{key}={v!r} must be an integer >= 1")
+    # Optional keys: checked when present (a stage's config may leave one out and use its default).
+    for key, minimum in (("seed", 0), ("keep_checkpoints", 1), ("max_nonfinite_streak", 1)):
+        v = cfg.get(key, minimum)
+        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+            raise ConfigError(f"{key}={v!r} must be an integer >= {minimum}")
+    v = cfg.get("eval_batches")
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+        raise ConfigError(f"eval_batches={v!r} must be an integer >= 0, or null for the whole test split")
+    for key in ("resume", "progress"):
+        v = cfg.get(key, False)
+        if not isinstance(v, bool):  # `resume=maybe` or `resume=1` must not silently mean true
+            raise ConfigError(f"{key}={v!r} must be true or false")
