@@ -21,6 +21,7 @@ import abc
 import inspect
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -330,8 +331,11 @@ class Target(abc.ABC):
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"__target__": np.asarray(self.name), "__patch_size__": np.asarray(self.patch_size),
                 "__channels__": np.asarray(self.channels)}
-        with open(path, "wb") as f:  # a file object: np.savez would append '.npz' to other suffixes
+        # Written aside, then renamed: a run killed mid-write must not leave a truncated tokenizer for resume.
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to other suffixes
             np.savez(f, **meta, **_flatten(jax.device_get(state)))
+        os.replace(tmp, path)
         return path
 
     def load(self, path: str | Path) -> State:
