@@ -168,3 +168,39 @@ def test_bad_settings_are_one_line_errors(cfg, env, match):
     with pytest.raises(ConfigError, match=match) as e:
         resolve(cfg, env)
     assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------- SLURM launcher config
+def test_slurm_launcher_config_builds_the_expected_sbatch_script(tmp_path, monkeypatch):
+    """conf/hydra/launcher/slurm_gpu.yaml through the real plugin and submitit, up to the sbatch script (no SLURM
+    here: a stand-in `srun` on PATH only satisfies submitit's check that it runs on a cluster)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e .[slurm]")
+    import submitit
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("pretrain", ["hydra/launcher=slurm_gpu", "hydra.launcher.partition=gpu",
+                                   "hydra.launcher.nodes=2", "resume=true"], return_hydra_config=True)
+    launcher = instantiate(cfg.hydra.launcher)
+    assert type(launcher).__name__ == "SlurmLauncher"
+    params = launcher.params
+    assert params["tasks_per_node"] == params["gpus_per_node"] == 4  # one process per GPU
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    # The same mapping as the plugin's launch(): executor-specific keys get the "slurm_" prefix.
+    executor = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="slurm",
+                                     slurm_max_num_timeout=params["max_num_timeout"])
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{(k if k in base else f"slurm_{k}"): v for k, v in params.items()
+                                  if k not in ("submitit_folder", "max_num_timeout")})
+    script = executor._executor._make_submission_file_text("python pretrain.py", "uid")
+    for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--partition=gpu", "--requeue",
+                 "--signal=USR2@300", "--time=1440"):
+        assert f"#SBATCH {line}\n" in script, (line, script)
+    assert "\nsrun " in script  # every task is a process of one srun step: what sslvit.distributed detects
