@@ -8,9 +8,11 @@ differ only in seed keys are also summarised as mean ± sample std (ddof=1).
 
 Probe and fine-tune configs only name their source run, so their rows are described by what was actually used:
 the encoder from `results['model']` (as `model.*` and `stem.*`, overriding the config's unused defaults) and the
-source pretraining run's config under `pretrain.*` (`pretrain.mask_ratio`, `pretrain.target.name`, ...).
+source pretraining run's config under `pretrain.*` (`pretrain.mask_ratio`, `pretrain.target.name`, ...; `source.*`
+when the source is itself a fine-tuning run).
 
-A new stage = one `StageSpec` in `STAGES`. Reading needs no JAX except for the checkpoint-meta fallback.
+A new stage = one `StageSpec` in `STAGES`. JAX is imported only for runs without a saved config (checkpoint-meta
+fallback) and for loss curves (`sslvit.metrics.read_metrics`).
 """
 
 from __future__ import annotations
@@ -38,10 +40,12 @@ SKIP_DIRS = {".hydra", "checkpoints", "tb", "__pycache__"}  # never hold run dir
 # Keys that never explain a difference in results (paths, logging, resume bookkeeping).
 IGNORED_KEYS = {"progress", "resume", "run", "data.data_dir", "log_every", "ckpt_every", "keep_checkpoints",
                 "max_nonfinite_streak", "target.path"}
+IGNORED_PREFIXES = ("distributed.",)  # process/launcher setup: results do not depend on it
 # Option columns come first in this order (the ablations of the paper), then alphabetically, seed keys last.
 KEY_PRIORITY = ("stem.name", "stem.norm", "model.num_parallel_branches", "model.depth", "model.dim",
                 "target.name", "mask.name", "mask_ratio", "pretrain.target.name", "pretrain.mask.name",
-                "pretrain.mask_ratio", "random_init", "finetune.mode", "finetune.image_size")
+                "pretrain.mask_ratio", "init", "random_init", "finetune.mode", "finetune.image_size")
+SOURCE_PREFIXES = ("pretrain.", "source.")  # options of the run a probe / fine-tune started from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,8 +185,10 @@ def _source_run(stage: str, results: Mapping) -> str | None:
     return None
 
 
-def describe(stage: str, config: Mapping, results: Mapping, source_config: Mapping | None) -> dict[str, Any]:
-    """The flattened option view of one run (see the module docstring)."""
+def describe(stage: str, config: Mapping, results: Mapping, source_config: Mapping | None,
+             source_prefix: str = "pretrain.") -> dict[str, Any]:
+    """The flattened option view of one run (see the module docstring). The source run's options get
+    `source_prefix` ('pretrain.'; 'source.' when a probe or fine-tune starts from a fine-tuned run)."""
     flat = flatten(config)
     if stage == "pretrain":
         return flat
@@ -190,10 +196,12 @@ def describe(stage: str, config: Mapping, results: Mapping, source_config: Mappi
     if isinstance(model_cfg, Mapping):  # the encoder actually used beats the config's model/stem defaults
         flat = {k: v for k, v in flat.items() if not k.startswith(("model.", "stem."))}
         flat.update(_model_view(model_cfg))
+    if stage == "finetune":  # the baseline of every fine-tune comparison: from scratch or from a trained encoder
+        flat["init"] = "pretrained" if results.get("source_run") else "scratch"
     if source_config:
         for k, v in flatten(source_config).items():
             if not k.startswith(("model.", "stem.")):  # already described by the encoder's own view
-                flat[f"pretrain.{k}"] = v
+                flat[f"{source_prefix}{k}"] = v
     return flat
 
 
@@ -207,7 +215,7 @@ def _derive(stage: str, results: dict) -> dict:
 def load_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
     """Every run under `paths` with a registered stage, configs described; source configs read once each."""
     runs: list[Run] = []
-    source_cache: dict[str, dict] = {}
+    source_cache: dict[str, tuple[dict, str]] = {}  # source run -> (config, option prefix)
     for run_dir in find_runs(paths):
         results = _read_json(run_dir / RESULTS_FILE)
         if results is None:
@@ -217,17 +225,20 @@ def load_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
             log.warning("skipping %s: stage %r is not one of %s", run_dir, stage, list(STAGES))
             continue
         config = load_config(run_dir, results)
-        source_cfg = None
+        source_cfg, prefix = None, "pretrain."
         src = _source_run(stage, results)
         if src:
             if src not in source_cache:
                 src_dir = Path(src)
                 src_results = _read_json(src_dir / RESULTS_FILE) if (src_dir / RESULTS_FILE).is_file() else None
-                source_cache[src] = load_config(src_dir, src_results) if src_dir.is_dir() else {}
+                src_stage = (src_results or {}).get("stage", "pretrain")
+                source_cache[src] = (load_config(src_dir, src_results) if src_dir.is_dir() else {},
+                                     "pretrain." if src_stage == "pretrain" else "source.")
                 if not src_dir.is_dir():
-                    log.warning("%s: its source run %s is gone; pretrain.* options unknown", run_dir, src)
-            source_cfg = source_cache[src]
-        runs.append(Run(run_dir, stage, _derive(stage, results), describe(stage, config, results, source_cfg)))
+                    log.warning("%s: its source run %s is gone; its options are unknown", run_dir, src)
+            source_cfg, prefix = source_cache[src]
+        runs.append(Run(run_dir, stage, _derive(stage, results),
+                        describe(stage, config, results, source_cfg, prefix)))
     _name_runs(runs)
     return runs
 
@@ -252,15 +263,28 @@ def is_seed_key(key: str) -> bool:
 
 
 def _base_key(key: str) -> str:
-    return key[len("pretrain."):] if key.startswith("pretrain.") else key
+    """The key inside its own run's config: without the 'pretrain.'/'source.' prefix of a source run's options."""
+    for prefix in SOURCE_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
 
 
 def differing_keys(configs: Sequence[Mapping[str, Any]]) -> list[str]:
     """Flattened keys whose value is not the same in every config (absent counts as a value), ordered: the
-    ablation keys of `KEY_PRIORITY` first, then alphabetically, seed keys last. `IGNORED_KEYS` never count."""
+    ablation keys of `KEY_PRIORITY` first, then alphabetically, seed keys last. `IGNORED_KEYS` never count.
+
+    Source options (`pretrain.*`) are compared only between runs that have a source: a from-scratch baseline next
+    to fine-tuned runs differs from them in `init`, not in every option of their pretraining."""
     keys = set().union(*[set(c) for c in configs]) if configs else set()
-    out = [k for k in keys if _base_key(k) not in IGNORED_KEYS
-           and len({_sort_token(c.get(k, _MISSING)) for c in configs}) > 1]
+    with_source = [c for c in configs if any(k.startswith(SOURCE_PREFIXES) for k in c)]
+
+    def differs(k: str) -> bool:
+        group = with_source if k.startswith(SOURCE_PREFIXES) else configs
+        return len({_sort_token(c.get(k, _MISSING)) for c in group}) > 1
+
+    out = [k for k in keys if _base_key(k) not in IGNORED_KEYS and not _base_key(k).startswith(IGNORED_PREFIXES)
+           and differs(k)]
     prio = {k: i for i, k in enumerate(KEY_PRIORITY)}
     return sorted(out, key=lambda k: (is_seed_key(k), prio.get(k, len(prio)), k))
 
@@ -560,6 +584,10 @@ def plot_vs_mask_ratio(table: Table, path: Path) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------ report
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 @dataclasses.dataclass
 class Report:
     tables: dict[str, Table]
@@ -581,9 +609,9 @@ def make_report(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike) 
     by_path = {str(r.path): r for r in runs}
     files: list[Path] = []
     seed_tables: dict[str, Table] = {}
-    md = [f"# Report: {len(runs)} runs", ""]
+    md = [f"# Report: {_plural(len(runs), 'run')}", ""]
     for stage, table in tables.items():
-        md += [f"## {stage} ({len(table.rows)} runs)", ""]
+        md += [f"## {stage} ({_plural(len(table.rows), 'run')})", ""]
         md += [("Options that differ: " + ", ".join(f"`{k}`" for k in table.keys)) if table.keys
                else "No option differs between these runs.", "", to_markdown(table), ""]
         summary = seed_summary(table)

@@ -68,6 +68,8 @@ def test_flatten_and_differing_keys():
     assert differing_keys([a, dict(a)]) == []
     c = dict(a, extra=1)  # a key only some runs have differs
     assert differing_keys([a, c]) == ["extra"]
+    d = dict(a, **{"distributed.enabled": "auto", "pretrain.resume": True})  # infra and bookkeeping never count
+    assert differing_keys([a, d]) == []
 
 
 def test_table_columns_values_and_seed_summary(sweep):
@@ -175,6 +177,22 @@ def test_mask_ratio_plot_and_mixed_stages(tmp_path, hydra_compose):
     with open(tmp_path / "out" / "report.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["stage"] for r in rows] == ["pretrain"] * 3 + ["linear_probe"] * 2 + ["finetune"] * 2
+
+    # a from-scratch baseline next to the fine-tunes differs in `init`, not in every pretraining option
+    run = tmp_path / "ft" / "scratch"
+    write_run(run, hydra_compose("finetune", ["run=null"]),
+              {"stage": "finetune", "source_run": None, "mode": "full", "test_top1": 0.5, "model": model})
+    ft = build_tables(load_runs([tmp_path / "ft"]))["finetune"]
+    assert ft.keys == ["init", "finetune.mode"]
+    assert {(r["init"], r["finetune.mode"]): r["test_top1"] for r in ft.rows} == {
+        ("pretrained", "attn_only"): 0.68, ("pretrained", "full"): 0.7, ("scratch", "full"): 0.5}
+
+    # a probe of a fine-tuned encoder: the source's options are `source.*`, not `pretrain.*`
+    run = tmp_path / "probe_of_ft"
+    write_run(run, hydra_compose("linear_probe", [f"run='{tmp_path / 'ft' / 'full'}'"]),
+              {"stage": "linear_probe", "run": str(tmp_path / "ft" / "full"), "best_top1": 0.5, "model": model})
+    (cfg,) = [r.config for r in load_runs([run])]
+    assert cfg["source.finetune.mode"] == "full" and not any(k.startswith("pretrain.") for k in cfg)
 
 
 def test_config_from_checkpoint_meta(tmp_path):

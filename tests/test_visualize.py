@@ -110,8 +110,11 @@ def test_pixel_target_panels():
 
 def _cells(png: np.ndarray, n: int, cell: int) -> np.ndarray:
     """(n, 4, cell, cell, 3) cells of a grid PNG."""
-    return np.stack([np.stack([png[HEADER_PX + PAD_PX + i * (cell + PAD_PX):][:cell, PAD_PX + j * (cell + PAD_PX):][:, :cell]
-                               for j in range(len(COLUMNS))]) for i in range(n)])
+    def cell_at(i, j):
+        y, x = HEADER_PX + PAD_PX + i * (cell + PAD_PX), PAD_PX + j * (cell + PAD_PX)
+        return png[y:y + cell, x:x + cell]
+
+    return np.stack([np.stack([cell_at(i, j) for j in range(len(COLUMNS))]) for i in range(n)])
 
 
 def test_visualize_pretraining_run(pretrain_run, hydra_compose, tmp_path):
