@@ -123,9 +123,15 @@ def load_run(run: str | os.PathLike, step: int | None = None) -> LoadedRun:
     from sslvit.checkpoint import Checkpointer, load_params  # noqa: PLC0415
     from sslvit.config import build_vit, to_dict  # noqa: PLC0415
     from sslvit.models.mim import MaskedImageModel  # noqa: PLC0415
-    from sslvit.pretrained import checkpoint_dir  # noqa: PLC0415
+    from sslvit.checkpoint import find_checkpoint_dir  # noqa: PLC0415
 
-    ckpt_dir = checkpoint_dir(run)  # one-line errors for a missing path / not a run dir
+    if run is None or str(run).strip() in ("", "???"):  # '???': Hydra's unset mandatory value
+        raise ConfigError("run is not set: pass run=<a pretraining run dir> (the dir pretrain.py printed)")
+    path = Path(os.path.expanduser(os.fspath(run))).absolute()
+    if not path.is_dir():
+        raise ConfigError(f"run={os.fspath(run)!r} does not exist or is not a directory: pass run=<a pretraining run "
+                          f"dir> (the dir pretrain.py printed, e.g. outputs/pretrain/<date>)")
+    ckpt_dir = Path(find_checkpoint_dir(path))
     steps: list[int] = []
     if ckpt_dir.is_dir():
         with Checkpointer(ckpt_dir, max_to_keep=None) as ck:

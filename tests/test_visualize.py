@@ -70,6 +70,8 @@ def test_bad_input(tmp_path):
         visualize({"run": str(tmp_path), "num_images": 0})
     with pytest.raises(ConfigError, match="does not exist"):
         visualize({"run": str(tmp_path / "nope")})
+    with pytest.raises(ConfigError, match="run is not set"):
+        visualize({"run": "???"})  # conf/visualize.yaml without run=...
     with pytest.raises(ConfigError, match="holds no checkpoint"):
         load_run(tmp_path)
 
