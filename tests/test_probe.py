@@ -1,0 +1,132 @@
+"""Linear probe: the pieces on synthetic features (layers, pooling, standardisation, classifiers, k-NN), then a probe
+of a short real pretraining run on CIFAR-10 that beats chance, its random-init baseline, and a folder dataset."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sslvit.errors import ConfigError
+from sslvit.probe import (POOLINGS, LinearProbe, ProbeConfig, default_layers, get_pooling, knn_accuracy,
+                          linear_probe, probe_accuracy, resolve_layers, standardize, train_linear_probes)
+
+
+def test_layers_default_and_validation():
+    assert default_layers(2) == [1, 2] and default_layers(4) == [1, 2, 3, 4]
+    assert default_layers(6) == [2, 4, 6] and default_layers(12) == [2, 4, 6, 8, 10, 12]
+    assert default_layers(7) == [1, 3, 5, 7]
+    assert resolve_layers(None, 6) == [2, 4, 6]
+    assert resolve_layers([-1, 3, 3], 6) == [3, 6] and resolve_layers(2, 6) == [2]
+    for bad in ([0], [7], [-7], ["a"], [], [True]):
+        with pytest.raises(ConfigError, match="layers="):
+            resolve_layers(bad, 6)
+
+
+def test_pooling():
+    tokens = jnp.arange(2 * 3 * 4, dtype=jnp.float32).reshape(2, 3, 4)  # (B, 1+N, D)
+    np.testing.assert_array_equal(get_pooling("cls")(tokens), tokens[:, 0])
+    np.testing.assert_allclose(get_pooling("mean")(tokens), tokens[:, 1:].mean(1))
+    assert get_pooling("cls+mean")(tokens).shape == (2, 8)
+    with pytest.raises(ConfigError, match=r"pool='max' is not a probe pooling: choose one of"):
+        get_pooling("max")
+    assert set(POOLINGS) == {"cls", "mean", "cls+mean"}
+
+
+def test_standardize_uses_train_statistics():
+    rng = np.random.default_rng(0)
+    train = rng.normal(3.0, 5.0, size=(2, 500, 4)).astype(np.float32)
+    test = rng.normal(3.0, 5.0, size=(2, 100, 4)).astype(np.float32)
+    s_train, s_test = standardize(train, test)
+    np.testing.assert_allclose(s_train.mean(1), 0, atol=1e-5)
+    np.testing.assert_allclose(s_train.std(1), 1, atol=1e-3)
+    mean, std = train.mean(1, keepdims=True), train.std(1, keepdims=True)
+    np.testing.assert_allclose(s_test, (test - mean) / std, rtol=1e-3, atol=1e-3)
+
+
+def test_classifiers_and_knn_on_synthetic_features():
+    """Layer 0 carries the class (separable clusters), layer 1 is noise: each layer's own classifier and k-NN
+    must tell them apart, i.e. the per-layer classifiers are trained independently."""
+    rng = np.random.default_rng(0)
+    n_classes, n, f = 4, 800, 16
+    centers = rng.normal(size=(n_classes, f)) * 3
+    y = rng.integers(0, n_classes, n).astype(np.int32)
+    x = np.stack([centers[y] + rng.normal(size=(n, f)), rng.normal(size=(n, f))]).astype(np.float32)
+    xtr, xte = standardize(x[:, :600], x[:, 600:])
+    cfg = ProbeConfig.from_cfg({"epochs": 10, "batch_size": 64, "lr": 1e-2}, {"k": 10})
+    params = train_linear_probes(xtr, y[:600], n_classes, cfg, progress=False)
+    assert params["w"].shape == (2, f, n_classes)
+    acc = probe_accuracy(params, xte, y[600:])
+    assert acc[0] > 0.95 and acc[1] < 0.45
+    knn = knn_accuracy(xtr, y[:600], xte, y[600:], n_classes, k=10, chunk=64)
+    assert knn[0] > 0.95 and knn[1] < 0.45
+
+
+def test_probe_config_validation():
+    for probe, knn, match in (({"epochs": 0}, {}, "probe.epochs=0"), ({"lr": -1}, {}, "probe.lr=-1"),
+                              ({}, {"k": 0}, "knn.k=0"), ({"epoch": 3}, {}, "unknown probe/knn key 'epoch'")):
+        with pytest.raises(ConfigError, match=match):
+            ProbeConfig.from_cfg(probe, knn)
+
+
+# ---------------------------------------------------------------------------------------- with a real run
+def _probe_overrides(run, *extra):
+    return [f"run={run}", "data.train_split='train[:1024]'", "data.test_split='test[:500]'", "probe.epochs=20",
+            "progress=false", *extra]
+
+
+def test_probe_of_pretraining_run_beats_chance(pretrain_run, hydra_compose, tmp_path):
+    from sslvit.checkpoint import load_params  # noqa: PLC0415
+
+    cfg = hydra_compose("linear_probe", _probe_overrides(pretrain_run))
+    probe = LinearProbe(cfg, tmp_path)
+    assert probe.layers == [1, 2] and probe.model_cfg["dim"] == 64  # rebuilt from the saved config
+    # The probed encoder holds the checkpoint's weights.
+    saved = load_params(pretrain_run)[0]["encoder"]
+    params = probe.variables()["params"]
+    np.testing.assert_array_equal(np.asarray(params["layers"]["attn"]["qkv_kernel"]),
+                                  saved["layers"]["attn"]["qkv_kernel"])
+
+    results = probe.run()
+    assert results["num_train"] == 1024 and results["num_test"] == 500 and results["feature_dim"] == 128
+    assert set(results["top1"]) == {"1", "2"} and set(results["knn_top1"]) == {"1", "2"}
+    assert results["best_top1"] == max(results["top1"].values()) > 0.2  # chance: 0.1
+    assert results["best_knn_top1"] > 0.15
+    assert json.loads((tmp_path / "results.json").read_text())["best_top1"] == results["best_top1"]
+
+    # The random-init baseline: same architecture, other weights, other features.
+    base = LinearProbe(hydra_compose("linear_probe", _probe_overrides(pretrain_run, "random_init=true")), tmp_path)
+    base_params = base.variables()["params"]
+    assert not np.array_equal(np.asarray(base_params["layers"]["attn"]["qkv_kernel"]),
+                              saved["layers"]["attn"]["qkv_kernel"])
+
+
+def test_probe_on_a_folder_dataset(pretrain_run, hydra_compose, tmp_path):
+    """Transfer to the user's own images: two classes of 40x40 PNGs (reddish vs bluish), resized to 32 px."""
+    from PIL import Image  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 24), ("test", 10)):
+        for c, name in enumerate(("red", "blue")):
+            d = tmp_path / "images" / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 120, size=(40, 40, 3))
+                img[..., 0 if c == 0 else 2] += 120
+                Image.fromarray(img.astype(np.uint8)).save(d / f"{i}.png")
+    out = tmp_path / "out"
+    results = linear_probe(hydra_compose("linear_probe", [
+        f"run={pretrain_run}", "data=folder", f"data.path={tmp_path / 'images'}", "batch_size=16",
+        "probe.epochs=30", "probe.batch_size=16", "knn.k=5", "layers=[-1]", "pool=mean", "progress=false"]), out)
+    assert results["num_classes"] == 2 and results["num_train"] == 48 and results["num_test"] == 20
+    assert results["layers"] == [2] and results["best_top1"] >= 0.9 and results["best_knn_top1"] >= 0.9
+
+
+def test_bad_probe_input(hydra_compose, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="holds no checkpoint"):
+        LinearProbe(hydra_compose("linear_probe", [f"run={tmp_path / 'empty'}"]), tmp_path / "out")
+    with pytest.raises(ConfigError, match="pool='token'"):
+        LinearProbe(hydra_compose("linear_probe", [f"run={tmp_path / 'empty'}", "pool=token"]), tmp_path / "out")
