@@ -67,7 +67,7 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.{unknown[0]} is not a fine-tune key; the keys are "
                               f"{', '.join('finetune.' + f for f in sorted(fields))}")
         raw = {f.name: cfg.get(f.name, f.default) for f in dataclasses.fields(cls)}
-        get_mode(raw["mode"]) if isinstance(raw["mode"], str) else get_mode(repr(raw["mode"]))
+        get_mode(raw["mode"] if isinstance(raw["mode"], str) else repr(raw["mode"]))
         size = raw["image_size"]
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise ConfigError(f"finetune.image_size={size!r} must be a positive integer (a multiple of the patch "

@@ -110,8 +110,8 @@ class ProbeConfig:
         out = cls(epochs=_int("probe.epochs", probe.get("epochs", cls.epochs), 1),
                   batch_size=_int("probe.batch_size", probe.get("batch_size", cls.batch_size), 1),
                   lr=_num("probe.lr", probe.get("lr", cls.lr), 0, 10, "a number in (0, 10), e.g. 1e-3"),
-                  weight_decay=_num("probe.weight_decay", probe.get("weight_decay", cls.weight_decay), -1e-12, 10,
-                                    "a number >= 0, e.g. 1e-4"),
+                  weight_decay=_num("probe.weight_decay", probe.get("weight_decay", cls.weight_decay), 0, 10,
+                                    "a number in [0, 10), e.g. 1e-4", closed_low=True),
                   warmup_epochs=_int("probe.warmup_epochs", probe.get("warmup_epochs", cls.warmup_epochs), 0),
                   knn_k=_int("knn.k", knn.get("k", cls.knn_k), 1),
                   knn_temperature=_num("knn.temperature", knn.get("temperature", cls.knn_temperature), 0, 1e3,
@@ -130,8 +130,9 @@ def _int(name: str, v: Any, minimum: int) -> int:
     return int(v)
 
 
-def _num(name: str, v: Any, lo: float, hi: float, allowed: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo < v < hi:
+def _num(name: str, v: Any, lo: float, hi: float, allowed: str, closed_low: bool = False) -> float:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or not (lo <= v if closed_low else lo < v) or not v < hi:
         raise ConfigError(f"{name}={v!r} is out of range: must be {allowed}")
     return float(v)
 
