@@ -59,6 +59,30 @@ def _drop_path_scale(module: nn.Module, rate: float, branches: int, batch: int, 
     return kept.astype(jnp.float32) / keep
 
 
+@jax.custom_vjp
+def gelu(x):
+    """Exact GELU x·Φ(x), the same values as `jax.nn.gelu(x, approximate=False)`.
+
+    Why not that function: differentiated by JAX, its erfc leaves several tensors of the MLP's hidden size per layer
+    for the backward pass (the erfc value, an exp and a quotient), which a scan over layers stores and zero-fills
+    every step. Here the backward pass keeps only x and recomputes Φ(x) and φ(x): the same derivative (to float
+    rounding), a quarter less activation memory and a ~5% faster CPU pretraining step (bench/compile_memory.py)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_fwd(x):
+    return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+    cdf = 0.5 * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))  # erf: a polynomial, cheaper than erfc
+    pdf = jnp.exp(-0.5 * jnp.square(x)) * np.asarray(1.0 / np.sqrt(2.0 * np.pi), x.dtype)
+    return (g * (cdf + x * pdf),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
 def _trunc_normal(std=0.02):
     return nn.initializers.truncated_normal(std)
 
@@ -142,7 +166,7 @@ class ParallelMLP(nn.Module):
         b1 = jnp.einsum("pd,pdm->pm", norm_bias, fc1_kernel) + fc1_bias
         xhat = _normalize(x).astype(self.dtype)
         h = jnp.einsum("bnd,pdm->bnpm", xhat, w1.astype(self.dtype)) + b1.astype(self.dtype)
-        h = nn.gelu(h, approximate=False)
+        h = gelu(h)
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
 
         w2 = (fc2_kernel * gamma[:, None, :]).astype(self.dtype)
