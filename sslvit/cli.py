@@ -63,7 +63,7 @@ def run_main(fn, cfg):
         code, line = describe_failure(e, run_dir)
         if code == EXIT_ERROR:
             raise  # unexpected: the traceback is the useful part
-        log.error("%s", line)
+        log.log(logging.WARNING if code == EXIT_PREEMPTED else logging.ERROR, "%s", line)  # into the run's log
         print(line, file=sys.stderr)
         sys.exit(code)
 
