@@ -184,6 +184,8 @@ class Pretraining:
         results = {"stage": "pretrain", "run_dir": str(self.run_dir), "steps": total, "params": n_params,
                    "train_loss": last.get("loss"), "train_accuracy": last.get("accuracy"),
                    "images_per_sec": last.get("images_per_sec"), "nonfinite_steps": last.get("nonfinite_steps")}
+        if info.num_skipped:  # data.on_corrupt=skip: how many corrupt images were left out
+            results["skipped_images"] = info.num_skipped
         if chance is not None:
             results["chance_accuracy"] = chance
         results.update(self.evaluate(state, consts, mesh))
