@@ -188,7 +188,11 @@ class NonFiniteError(RuntimeError):
 
 
 class _StopSignal:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (never mid-step, never mid-save)."""
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (never mid-step, never mid-save).
+
+    Also SIGUSR2 when a Python handler already owns it: submitit's (hydra/launcher=submitit_slurm) notice of the
+    time limit or a preemption. The loop saves first, then `forward()` hands the signal to that handler (which
+    requeues the job)."""
 
     def __init__(self):
         self.received: Optional[int] = None
@@ -196,9 +200,17 @@ class _StopSignal:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            sigs = [signal.SIGTERM, signal.SIGINT]
+            if callable(signal.getsignal(signal.SIGUSR2)):
+                sigs.append(signal.SIGUSR2)
+            for sig in sigs:
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
+
+    def forward(self) -> None:
+        old = self._old.get(signal.SIGUSR2)
+        if self.received == signal.SIGUSR2 and callable(old):
+            old(signal.SIGUSR2, None)
 
     def _handle(self, signum, frame):
         if self.received is not None and signum == signal.SIGINT:  # a second Ctrl-C: give up at once
@@ -208,6 +220,17 @@ class _StopSignal:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def _on_any_process(flag: bool) -> bool:
+    """`flag` OR-ed over processes. A signal reaches the processes of a multi-host job at slightly different
+    steps, but the checkpoint save is collective: all must stop after the same step. One tiny all-gather per step
+    (multi-process runs only)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def fit(*, state: TrainState, step_fn, batches: Iterator[dict], total_steps: int, checkpointer, writer,
@@ -248,11 +271,12 @@ def fit(*, state: TrainState, step_fn, batches: Iterator[dict], total_steps: int
                         f"{int(jax.device_get(state.nonfinite_total))} in all); stopping: {where}. Lower optim.lr, "
                         f"raise optim.warmup_steps or use model.dtype=float32, then run again with resume=true")
             bar.update(1)
-            if stop.received is not None:
+            if _on_any_process(stop.received is not None):
                 checkpointer.save(done, state, meta=meta, force=True)
                 checkpointer.wait()
                 writer.flush()
                 bar.close()
+                stop.forward()
                 raise Preempted(done)
             if done % ckpt_every == 0 and done != total_steps:
                 checkpointer.save(done, state, meta=meta)

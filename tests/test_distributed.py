@@ -54,13 +54,28 @@ for i in range(3):
 out = {"process": jax.process_index(), "processes": jax.process_count(), "devices": jax.device_count(),
        "losses": losses, "local_rows": int(batch["image"].addressable_shards[0].data.shape[0])}
 
-# (b) The real stage on CIFAR-10, both processes into one run dir.
+# (b) The real stage on CIFAR-10, both processes into one run dir: 4 steps and the test-set evaluation, then a
+# resumed run to step 12 that only process 1 is told to stop (SIGTERM) once step 6 is logged.
 if run_dir != "-":
+    import os, signal, threading, time
+    from sslvit.metrics import read_metrics
     from sslvit.pretraining import pretrain
-    res = pretrain(compose("pretrain", TINY_PRETRAIN + [
-        "steps=4", "log_every=2", "ckpt_every=2", "batch_size=16", "target.num_samples=1000", "eval_batches=1",
-        "data.train_split='train[:512]'"]), run_dir)
+    from sslvit.train import Preempted
+    common = TINY_PRETRAIN + ["log_every=1", "ckpt_every=2", "batch_size=16", "target.num_samples=1000",
+                              "eval_batches=1", "data.train_split='train[:512]'"]
+    res = pretrain(compose("pretrain", common + ["steps=4"]), run_dir)
     out["stage"] = {k: res.get(k) for k in ("train_loss", "test_accuracy", "test_batches")}
+    if pid == 1:
+        def watch():
+            while not any(r["step"] >= 6 for r in read_metrics(run_dir)):
+                time.sleep(0.02)
+            os.kill(os.getpid(), signal.SIGTERM)
+        threading.Thread(target=watch, daemon=True).start()
+    try:
+        pretrain(compose("pretrain", common + ["steps=12", "ckpt_every=100", "resume=true"]), run_dir)
+        out["stopped_at"] = None
+    except Preempted as e:
+        out["stopped_at"] = e.step
 print("RESULT " + json.dumps(out), flush=True)
 """
 
@@ -116,14 +131,17 @@ def test_two_processes_train_in_lockstep_and_match_one_process(tmp_path):
         pytest.skip("stage part needs CIFAR-10 in TFDS_DATA_DIR (see ../shared/README.md)")
     assert p0["stage"] == p1["stage"] and p0["stage"]["test_batches"] == 1
     assert np.isfinite(p0["stage"]["train_loss"])
-    # Checkpoints written once, collectively: steps 2 and 4 finalized, no leftover temporary dirs.
-    ckpts = sorted(os.listdir(run_dir / "checkpoints"))
-    assert ckpts == ["2", "4"], ckpts
-    # Metrics and results from process 0 only: one row per logged step, not two.
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [2, 4]
     assert json.loads((run_dir / "results.json").read_text())["train_loss"] == p0["stage"]["train_loss"]
     assert (run_dir / "tokenizer.npz").exists()
+    # SIGTERM on process 1 only: both stop after the same step and save it together.
+    stop = p1["stopped_at"]
+    assert stop is not None and p0["stopped_at"] == stop and 6 <= stop < 12, (p0, p1)
+    # Checkpoints written once, collectively: the finalized steps only, no leftover temporary dirs.
+    ckpts = sorted(os.listdir(run_dir / "checkpoints"), key=int)
+    assert ckpts == ["2", "4", str(stop)], ckpts
+    # Metrics from process 0 only: one row per step, not two.
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, stop + 1)), steps
     # Logs: INFO from process 0 only; process 1 stays quiet unless something is wrong.
     assert "INFO sslvit.pretraining: pretraining" in err0
     assert "INFO sslvit" not in err1, err1[-2000:]
