@@ -68,9 +68,9 @@ def checkpoint_dir(run: str | os.PathLike) -> Path:
     return sub
 
 
-def load_encoder(run: str | os.PathLike, step: Optional[int] = None) -> TrainedEncoder:
-    """The encoder of the run's checkpoint at `step` (default: the latest complete one)."""
-    from sslvit.checkpoint import Checkpointer, load_params  # noqa: PLC0415
+def checkpoint_step(run: str | os.PathLike, step: Optional[int] = None) -> tuple[Path, int]:
+    """(checkpoint dir, step) of `run`: `step` checked against the complete checkpoints, default the latest."""
+    from sslvit.checkpoint import Checkpointer  # noqa: PLC0415
 
     ckpt_dir = checkpoint_dir(run)
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
@@ -84,7 +84,14 @@ def load_encoder(run: str | os.PathLike, step: Optional[int] = None) -> TrainedE
                           f"dir of a pretraining run that saved at least one checkpoint")
     if step is not None and step not in steps:
         raise ConfigError(f"step={step} is not a checkpoint of {ckpt_dir}: choose one of {steps}, or null")
-    step = steps[-1] if step is None else step
+    return ckpt_dir, steps[-1] if step is None else step
+
+
+def load_encoder(run: str | os.PathLike, step: Optional[int] = None) -> TrainedEncoder:
+    """The encoder of the run's checkpoint at `step` (default: the latest complete one)."""
+    from sslvit.checkpoint import load_params  # noqa: PLC0415
+
+    ckpt_dir, step = checkpoint_step(run, step)
     params, meta = load_params(ckpt_dir, step=step, subtree="params")
     meta = dict(meta or {})
     model_cfg = meta.get("model")

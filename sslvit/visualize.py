@@ -120,28 +120,14 @@ class LoadedRun:
 def load_run(run: str | os.PathLike, step: int | None = None) -> LoadedRun:
     """Rebuild the pretraining model of `run` from its checkpoint meta and load its weights and tokenizer."""
     from sslvit import masking, targets  # noqa: PLC0415
-    from sslvit.checkpoint import Checkpointer, load_params  # noqa: PLC0415
+    from sslvit.checkpoint import load_params  # noqa: PLC0415
     from sslvit.config import build_vit, to_dict  # noqa: PLC0415
     from sslvit.models.mim import MaskedImageModel  # noqa: PLC0415
-    from sslvit.checkpoint import find_checkpoint_dir  # noqa: PLC0415
+    from sslvit.pretrained import checkpoint_step  # noqa: PLC0415
 
     if run is None or str(run).strip() in ("", "???"):  # '???': Hydra's unset mandatory value
         raise ConfigError("run is not set: pass run=<a pretraining run dir> (the dir pretrain.py printed)")
-    path = Path(os.path.expanduser(os.fspath(run))).absolute()
-    if not path.is_dir():
-        raise ConfigError(f"run={os.fspath(run)!r} does not exist or is not a directory: pass run=<a pretraining run "
-                          f"dir> (the dir pretrain.py printed, e.g. outputs/pretrain/<date>)")
-    ckpt_dir = Path(find_checkpoint_dir(path))
-    steps: list[int] = []
-    if ckpt_dir.is_dir():
-        with Checkpointer(ckpt_dir, max_to_keep=None) as ck:
-            steps = ck.all_steps()
-    if not steps:
-        raise ConfigError(f"run={os.fspath(run)!r} holds no checkpoint ({ckpt_dir} is missing or empty): pass the dir "
-                          f"of a pretraining run that saved at least one checkpoint")
-    if step is not None and step not in steps:
-        raise ConfigError(f"step={step} is not a checkpoint of {ckpt_dir}: choose one of {steps}, or null (latest)")
-    step = steps[-1] if step is None else int(step)
+    ckpt_dir, step = checkpoint_step(run, step)
     params, meta = load_params(ckpt_dir, step=step, subtree="params")
     if meta.get("stage") != "pretrain" or not isinstance(meta.get("config"), Mapping):
         raise ConfigError(f"run={os.fspath(run)!r} is a {meta.get('stage', 'unknown')!r} run: visualize needs a "
