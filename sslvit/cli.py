@@ -33,7 +33,11 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from sslvit import runtime
 from sslvit.errors import ConfigError
+
+# The scripts import this module before JAX: the host allocator setting must precede JAX's threads.
+runtime.keep_host_memory()
 
 log = logging.getLogger("sslvit")
 

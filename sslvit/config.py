@@ -18,7 +18,7 @@ from sslvit.models import ViT
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODEL_KEYS = ("image_size", "patch_size", "dim", "depth", "heads", "mlp_dim", "num_parallel_branches", "dim_head",
               "dropout", "emb_dropout", "drop_path", "layer_scale_init", "pool", "pos_embedding", "channels",
-              "remat")
+              "remat", "unroll_layers")
 
 
 def to_dict(cfg: Any) -> dict:
@@ -58,8 +58,9 @@ def build_vit(model_cfg: Mapping, *, num_classes: int = 0, **overrides) -> ViT:
                                         and all(map(_is_positive_int, v)))):
             raise ConfigError(f"model.{key}={v!r} must be a positive integer"
                               f"{' (or null: dim // heads)' if key == 'dim_head' else ''}")
-    if "remat" in kw and not isinstance(kw["remat"], bool):
-        raise ConfigError(f"model.remat={kw['remat']!r} must be true or false")
+    for key in ("remat", "unroll_layers"):
+        if key in kw and not isinstance(kw[key], bool):
+            raise ConfigError(f"model.{key}={kw[key]!r} must be true or false")
     return ViT(num_classes=num_classes, dtype=DTYPES[dtype], **kw)
 
 

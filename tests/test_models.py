@@ -289,6 +289,33 @@ def test_remat_and_sincos_give_same_shapes_and_remat_same_values():
     assert "pos_embedding" not in v2["params"]
 
 
+
+def test_unrolled_layers_are_the_same_model():
+    """unroll_layers changes how the layers compile, not the parameters or the maths: the same variables give the
+    same outputs, per-layer features and gradients (in training mode, with drop path drawing the same masks)."""
+    img = images()
+    kw = dict(num_parallel_branches=2, drop_path=0.2, layer_scale_init=0.1)
+    scanned, unrolled = tiny(**kw), tiny(unroll_layers=True, **kw)
+    variables = scanned.init(jax.random.PRNGKey(0), img)
+    assert jax.tree.structure(variables) == jax.tree.structure(unrolled.init(jax.random.PRNGKey(0), img))
+    out_s, f_s = scanned.apply(variables, img, return_features=True)
+    out_u, f_u = unrolled.apply(variables, img, return_features=True)
+    np.testing.assert_allclose(out_u, out_s, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(f_u["layers"], f_s["layers"], rtol=1e-5, atol=1e-6)
+
+    def loss(model):
+        def f(params):
+            out = model.apply({**variables, "params": params}, img, train=True, mutable=["batch_stats"],
+                              rngs={"dropout": jax.random.PRNGKey(1)})[0]
+            return jnp.sum(out**2)
+        return jax.jit(jax.value_and_grad(f))(variables["params"])
+
+    (l_s, g_s), (l_u, g_u) = loss(scanned), loss(unrolled)
+    np.testing.assert_allclose(l_u, l_s, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g_u, g_s)
+    with pytest.raises(ConfigError, match="unroll_layers='yes' must be true or false"):
+        tiny(unroll_layers="yes")
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(image_size=18), "image_size=18 is not divisible by patch_size=4"),
     (dict(dim=30, heads=4), "dim=30 is not divisible by heads=4"),

@@ -243,6 +243,7 @@ BAD_INPUT = [
     ("model.layer_scale_init=x", "model.layer_scale_init='x'"), ("model.pool=max", "pool='max'"),
     ("model.pos_embedding=rope", "pos_embedding='rope'"), ("model.dtype=float16", "model.dtype='float16'"),
     ("model.remat=maybe", "model.remat='maybe' must be true or false"),
+    ("model.unroll_layers=2", "model.unroll_layers=2 must be true or false"),
     ("stem.name=resnet", "unknown stem 'resnet'"), ("stem.norm=group", "stem norm='group'"),
     ("mask.min_patches=0", "min_patches=0"), ("mask.max_patches=x", "max_patches='x'"),
     ("mask.min_aspect=2", "min_aspect=2"),

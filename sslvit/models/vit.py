@@ -262,7 +262,8 @@ class ViT(nn.Module):
     Arguments follow lucidrains' vit-pytorch (`image_size, patch_size, num_classes, dim, depth, heads, mlp_dim,
     pool, channels, dim_head, dropout, emb_dropout`) plus `num_parallel_branches`, `drop_path`,
     `layer_scale_init`, `stem`/`stem_norm`, `use_mask_token`, `pos_embedding`, `dtype` (activations; parameters
-    stay float32) and `remat`.
+    stay float32), `remat` and `unroll_layers` (compile the layers unrolled instead of as a loop: faster steps,
+    longer compiles; same parameters).
 
     Rng streams: `emb_dropout` for the embedding dropout, `dropout` for dropout and drop path. With `train=False`
     (the default) all of them are off and the output is deterministic; no rng is needed.
@@ -295,6 +296,7 @@ class ViT(nn.Module):
     pos_embedding: str = "learned"
     dtype: Dtype = jnp.float32
     remat: bool = False
+    unroll_layers: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -331,6 +333,8 @@ class ViT(nn.Module):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise ConfigError(f"{name}={v} must be in [0, 1)")
+        if not isinstance(self.unroll_layers, (bool, np.bool_)):
+            raise ConfigError(f"unroll_layers={self.unroll_layers!r} must be true or false")
         if self.layer_scale_init is not None and not self.layer_scale_init > 0:
             raise ConfigError(f"layer_scale_init={self.layer_scale_init} must be > 0 (or null for no LayerScale)")
         get_stem(self.stem).validate(self.dim, p, self.stem_norm)
@@ -386,6 +390,10 @@ class ViT(nn.Module):
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
             length=self.depth,
+            # Unrolled, the compiled program has no loop: per-layer activations for the backward pass are no
+            # longer copied into stacked buffers (zero-filled every step). ~+10-20% CPU pretraining step; compile
+            # time grows with depth. Parameters are stacked the same way either way (checkpoints interchange).
+            unroll=self.depth if self.unroll_layers else 1,
         )(
             self.dim, self.heads, dim_head, self.mlp_dim, self.num_parallel_branches, self.dropout, self.drop_path,
             self.layer_scale_init, self.dtype, train, return_features and collect_layers, name="layers",
