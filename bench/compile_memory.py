@@ -1,4 +1,4 @@
-"""Compile time vs depth (scan over layers), and what remat / gradient accumulation / bfloat16 do to the pretraining
+"""Compile time vs depth (scan over layers), and what unrolling the layers, remat / gradient accumulation / bfloat16 do to the pretraining
 step: XLA's memory analysis of the compiled step (temporary buffers = activations kept for the backward pass),
 the loss of a few real steps (finite, and close to the float32 / no-remat / one-batch step), and the step time.
 
@@ -15,53 +15,21 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from common import PRESETS, device_line, pretrain_step  # noqa: E402
 
-from sslvit import masking, optim, targets  # noqa: E402
-from sslvit.config import build_vit  # noqa: E402
-from sslvit.models.mim import MaskedImageModel  # noqa: E402
-from sslvit.train import TrainState, make_train_step  # noqa: E402
-from throughput import OPTIM, PRESETS  # noqa: E402
+import numpy as np  # noqa: E402
 
 MiB = 2**20
 
 
-def build(preset: str, batch: int, *, dtype: str = "float32", remat: bool = False, accum_steps: int = 1,
+def build(preset, batch: int, *, dtype: str = "float32", remat: bool = False, accum_steps: int = 1,
           vocab: int = 512, **model_overrides):
-    """The jitted pretraining step and its arguments (as pretraining builds it, synthetic data)."""
-    model_cfg = dict(PRESETS[preset], dtype=dtype, stem="hmlp", stem_norm="batch", drop_path=0.1,
-                     layer_scale_init=0.1, remat=remat)
-    model_cfg.update(model_overrides)
-    enc = build_vit(model_cfg, num_classes=0, use_mask_token=True)
-    target = targets.make_target("kmeans", patch_size=enc.patch_size, vocab_size=vocab)
-    model = MaskedImageModel(enc, target.num_outputs)
-    size = enc.grid_size[0] * enc.patch_size
-    sampler = masking.make_mask_sampler("block", enc.grid_size, 0.4)
-    images = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
-    mask = jnp.asarray(sampler(np.random.default_rng(0), batch))
-    consts = {"codebook": jax.random.normal(jax.random.key(1), (vocab, target.patch_dim)),
-              "counts": jnp.ones((vocab,), jnp.int32)}
-    variables = jax.jit(model.init)(jax.random.key(0), images[:1], mask[:1])
-    opt, _ = optim.make_optimizer(OmegaConf.create(dict(OPTIM, accum_steps=accum_steps)), variables["params"],
-                                  total_steps=1000)
-    state = TrainState.create(variables["params"], {}, variables.get("batch_stats", {}), opt)
-
-    def loss_fn(params, batch_stats, b, rng, c):
-        tokens = target.compute(c, b["image"])
-        v = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
-        preds, upd = model.apply(v, b["image"], b["mask"], train=True, mutable=["batch_stats"],
-                                 rngs={"dropout": rng, "emb_dropout": rng})
-        loss, metrics = target.loss(preds, tokens, b["mask"])
-        return loss, (metrics, upd.get("batch_stats", batch_stats))
-
-    step = jax.jit(make_train_step(loss_fn, opt, seed=0, accum_steps=accum_steps), donate_argnums=(0,))
-    return step, state, {"image": images, "mask": mask}, consts
+    """The jitted pretraining step and its arguments (bench/common.py's pretrain_step)."""
+    s = pretrain_step(preset, batch, dtype=dtype, remat=remat, accum_steps=accum_steps, vocab=vocab,
+                      **model_overrides)
+    return s.step, s.state, s.batch, s.consts
 
 
 def compile_step(step, state, batch, consts):
@@ -84,7 +52,7 @@ def run_steps(compiled, state, batch, consts, n: int):
 
 
 def variant_rows(preset: str, batch: int, steps: int):
-    variants = [("float32", dict()), ("remat", dict(remat=True)), ("accum_steps=4", dict(accum_steps=4)),
+    variants = [("float32", dict()), ("layers as a loop", dict(unroll_layers=False)), ("remat", dict(remat=True)), ("accum_steps=4", dict(accum_steps=4)),
                 ("bfloat16", dict(dtype="bfloat16")), ("bfloat16 + remat", dict(dtype="bfloat16", remat=True))]
     base = None
     print(f"\npretraining step, preset {preset}, batch {batch}: XLA memory analysis + {steps} steps on one batch")
@@ -123,8 +91,7 @@ def main():
     ap.add_argument("--no-compile-depth", action="store_true")
     ap.add_argument("--no-variants", action="store_true")
     args = ap.parse_args()
-    print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()} ({jax.default_backend()}), "
-          f"jax {jax.__version__}")
+    print(device_line())
     if not args.no_compile_depth:
         compile_depth_rows([int(d) for d in args.depths.split(",")])
     if not args.no_variants:

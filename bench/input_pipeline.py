@@ -21,10 +21,9 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-import numpy as np  # noqa: E402
+import common  # noqa: E402, F401  (the scripts' host-allocator setting, before JAX)
 
 
 def compose(overrides):
@@ -93,11 +92,12 @@ def main():
     if step_ips is None:
         import throughput  # noqa: PLC0415
 
-        preset = {k: cfg.model[k] for k in ("image_size", "patch_size", "dim", "depth", "num_parallel_branches",
-                                             "heads", "mlp_dim")}
-        throughput.PRESETS["_config"] = preset
-        r = throughput.pretrain_step_bench("_config", p.batch_size, str(cfg.model.dtype), stem=cfg.stem.name,
-                                           vocab=int(cfg.target.get("vocab_size", 512)))
+        from sslvit.config import model_config  # noqa: PLC0415
+
+        model = model_config(cfg)
+        r = throughput.pretrain_step_bench(model, p.batch_size, model.pop("dtype"), stem=model.pop("stem"),
+                                           vocab=int(cfg.target.get("vocab_size", 512)),
+                                           stem_norm=model.pop("stem_norm"))
         step_ips = r["images_per_sec"]
         print(f"{'train step (same run)':>28}: {step_ips:9.1f} img/s  ({r['sec_per_step'] * 1e3:.0f} ms/step, "
               f"compile {r['compile_s']:.1f}s)")

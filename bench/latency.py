@@ -18,19 +18,18 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
+
+from common import PRESETS, build_vit, device_line, model_preset, parse_overrides, timed  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sslvit.config import build_vit  # noqa: E402
 from sslvit.flops import forward_flops  # noqa: E402
-from throughput import PRESETS  # noqa: E402
 
 
-def make_forward(preset: str, batch: int, dtype: str):
-    model = build_vit(dict(PRESETS[preset], dtype=dtype), num_classes=1000)
+def make_forward(preset: str, batch: int, dtype: str, **model_overrides):
+    model = build_vit(model_preset(preset, stem="linear", dtype=dtype, **model_overrides), num_classes=1000)
     size = model.grid_size[0] * model.patch_size
     x = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
     params = jax.jit(model.init)(jax.random.key(0), x[:1])
@@ -41,15 +40,6 @@ def make_forward(preset: str, batch: int, dtype: str):
     return (lambda: f(params, x).block_until_ready()), batch * forward_flops(model), compile_s
 
 
-def measure(fn, reps: int) -> list[tuple[float, float]]:
-    out = []
-    for _ in range(reps):
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        out.append((time.perf_counter() - w0, time.process_time() - c0))
-    return out
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,2,4,8")
@@ -58,15 +48,16 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--parallel", default="vit_s18x2", choices=sorted(PRESETS))
     ap.add_argument("--sequential", default="vit_s36x1", choices=sorted(PRESETS))
+    ap.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE", help="model config overrides (both)")
     args = ap.parse_args()
-    print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()} ({jax.default_backend()}), "
-          f"{os.cpu_count()} CPU cores, jax {jax.__version__}, {args.dtype}")
+    over = parse_overrides(args.model)
+    print(device_line() + f", {args.dtype}" + (f"; model overrides {over}" if over else ""))
     for batch in (int(b) for b in args.batches.split(",")):
-        fns = {name: make_forward(name, batch, args.dtype) for name in (args.parallel, args.sequential)}
+        fns = {name: make_forward(name, batch, args.dtype, **over) for name in (args.parallel, args.sequential)}
         times = {name: [] for name in fns}
         for _ in range(args.rounds):
             for name, (fn, _, _) in fns.items():
-                times[name] += measure(fn, args.reps)
+                times[name] += timed(fn, args.reps)
         best = {n: min(w for w, _ in t) for n, t in times.items()}
         cpu = {n: float(np.median([c for _, c in t])) for n, t in times.items()}
         par, seq = args.parallel, args.sequential
