@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 
 from sslvit.runtime import keep_host_memory  # noqa: E402
 
-keep_host_memory()  # as the top-level scripts do, before JAX creates its threads
+HOST_MALLOC = "kept (sslvit/runtime.py)" if keep_host_memory() else "glibc default"  # as the scripts, before JAX
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -188,4 +188,4 @@ def finetune_step(preset: str | dict, batch: int, *, dtype: str = "float32", mod
 
 def device_line() -> str:
     return (f"device: {jax.devices()[0].device_kind} x {jax.device_count()} ({jax.default_backend()}), "
-            f"{os.cpu_count()} CPU cores, jax {jax.__version__}")
+            f"{os.cpu_count()} CPU cores, jax {jax.__version__}, host malloc {HOST_MALLOC}")

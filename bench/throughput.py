@@ -65,6 +65,7 @@ def main():
     ap.add_argument("--dtypes", default=None, help="comma list; default float32 (+bfloat16 on GPU/TPU)")
     ap.add_argument("--no-finetune", action="store_true")
     ap.add_argument("--latency", action="store_true", help="parallel (S18x2) vs sequential (S36x1) at batch 1-8")
+    ap.add_argument("--latency-batches", default="1,2,4,8")
     ap.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE", help="model config overrides")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args()
@@ -74,7 +75,7 @@ def main():
     rows = []
     if args.latency:
         for dtype in (args.dtypes or "float32").split(","):
-            for batch in (1, 2, 4, 8):
+            for batch in (int(b) for b in args.latency_batches.split(",")):
                 (par, _), (seq, _) = (inference_latency(p, batch, dtype, **over) for p in ("vit_s18x2", "vit_s36x1"))
                 row = dict(step="inference", batch=batch, dtype=dtype, s18x2_ms=par * 1e3, s36x1_ms=seq * 1e3,
                            speedup=seq / par)
