@@ -290,6 +290,22 @@ def test_remat_and_sincos_give_same_shapes_and_remat_same_values():
 
 
 
+def test_remat_saves_activation_memory_also_with_unroll_layers():
+    """remat must keep its memory saving when the config also asks for unrolled layers (the tiny preset does):
+    XLA's temporary memory of the gradient, per compiled program."""
+    img = images(n=16, size=32)
+
+    def temp_bytes(**kw):
+        model = tiny(image_size=32, depth=4, dim=64, mlp_dim=256, **kw)
+        variables = model.init(jax.random.PRNGKey(0), img[:1])
+        grad = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({**variables, "params": p}, img, train=True,
+                                                               mutable=["batch_stats"])[0] ** 2)))
+        return grad.lower(variables["params"]).compile().memory_analysis().temp_size_in_bytes
+
+    plain, remat = temp_bytes(unroll_layers=True), temp_bytes(unroll_layers=True, remat=True)
+    assert remat < 0.6 * plain, (remat, plain)
+
+
 def test_unrolled_layers_are_the_same_model():
     """unroll_layers changes how the layers compile, not the parameters or the maths: the same variables give the
     same outputs, per-layer features and gradients (in training mode, with drop path drawing the same masks)."""
