@@ -156,26 +156,37 @@ def extract_features(feature_fn, variables, iterator, *, mesh, desc: str = "feat
     """One pass of an eval iterator ({'image', 'label', 'valid'}) -> (features (L, n, F) float32, labels (n,)).
 
     Images enter sharded over the batch axis; features, labels and the valid mask come back replicated, so every
-    process holds all of them (padding rows dropped)."""
+    process holds all of them (padding rows dropped), in the split's order whatever the number of processes: a
+    global batch holds a slice of each process's shard, so each row is tagged with its process and its position
+    in that process's shard, and the rows are sorted by the tags (shards are contiguous ranges of the split, in
+    process order). The probe's shuffles then draw the same examples as a 1-process run."""
     from tqdm import tqdm  # noqa: PLC0415
 
     rep, data_sh = replicated(mesh), batch_sharding(mesh)
 
     def fn(v, batch):
-        return feature_fn(v, batch["image"]), batch["label"], batch["valid"]
+        return feature_fn(v, batch["image"]), batch["label"], batch["valid"], batch["process"], batch["position"]
 
-    step = jax.jit(fn, out_shardings=(rep, rep, rep))
-    feats, labels = [], []
+    step = jax.jit(fn, out_shardings=(rep,) * 5)
+    feats, labels, origin = [], [], []
     total = len(iterator) if hasattr(iterator, "__len__") else None
-    show = progress and jax.process_index() == 0
+    pi = jax.process_index()
+    show = progress and pi == 0
+    seen = 0
     for batch in tqdm(iterator, total=total, desc=desc, disable=not show, dynamic_ncols=True):
-        f, y, valid = jax.device_get(step(variables, to_global(batch, data_sh)))
+        n = len(batch["label"])
+        tags = {"process": np.full(n, pi, np.int32), "position": np.arange(seen, seen + n, dtype=np.int32)}
+        seen += n
+        f, y, valid, proc, pos = jax.device_get(step(variables, to_global({**batch, **tags}, data_sh)))
         valid = np.asarray(valid, bool)
         feats.append(np.asarray(f)[:, valid])
         labels.append(np.asarray(y)[valid])
+        origin.append(np.stack([np.asarray(proc)[valid], np.asarray(pos)[valid]]))
     if not feats:
         raise ConfigError(f"{desc}: the split yielded no images")
-    return np.concatenate(feats, axis=1), np.concatenate(labels).astype(np.int32)
+    proc, pos = np.concatenate(origin, axis=1)
+    order = np.lexsort((pos, proc))  # by process, then position in its shard
+    return np.concatenate(feats, axis=1)[:, order], np.concatenate(labels).astype(np.int32)[order]
 
 
 def standardize(train: np.ndarray, *others: np.ndarray, eps: float = 1e-6) -> list[np.ndarray]:
