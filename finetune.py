@@ -17,6 +17,9 @@ from sslvit.cli import run_main
 
 
 def _main(cfg, run_dir):
+    from sslvit.distributed import maybe_initialize  # noqa: PLC0415
+
+    maybe_initialize(cfg.get("distributed"))  # multi-process (SLURM / explicit); before any other JAX call
     from sslvit.finetune import finetune  # noqa: PLC0415  (after Hydra parsed: --help stays fast)
 
     # The command-line overrides tell which model options the user set on purpose (checked against the run).

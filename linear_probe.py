@@ -15,6 +15,9 @@ from sslvit.cli import run_main
 
 
 def _main(cfg, out_dir):
+    from sslvit.distributed import maybe_initialize  # noqa: PLC0415
+
+    maybe_initialize(cfg.get("distributed"))  # multi-process (SLURM / explicit); before any other JAX call
     from sslvit.probe import format_table, linear_probe  # noqa: PLC0415  (after Hydra parsed: --help stays fast)
 
     results = linear_probe(cfg, out_dir)
