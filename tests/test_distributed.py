@@ -1,6 +1,7 @@
 """Multi-process JAX: two processes on localhost (CPU collectives) train in lockstep, match one process with the
 same global batch, and run the real pretraining stage together (one tokenizer, one set of checkpoints, logs and
-results from process 0 only). Plus the pure config/environment resolution of `sslvit.distributed`."""
+results from process 0 only); the same for fine-tuning, and a 2-process linear probe equal to a 1-process one.
+Plus the pure config/environment resolution of `sslvit.distributed`, and every script starting from it."""
 
 from __future__ import annotations
 
@@ -12,16 +13,19 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import CONF_DIR
+from conftest import CONF_DIR, compose_config
 
 from sslvit import ConfigError
-from sslvit.distributed import resolve, slurm_num_tasks
+from sslvit.distributed import KEYS, resolve, slurm_num_tasks
 
 REPO = CONF_DIR.parent
+RESULTS = "results.json"
 
-WORKER = r"""
+# Every worker starts alike: process `pid` of `n` (n=1: a plain single-process run), CPU collectives over gloo;
+# the script's own arguments follow in `args`.
+PRELUDE = r"""
 import json, logging, sys
-pid, n, port, run_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+pid, n, port, args = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:]
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -29,6 +33,10 @@ from sslvit.distributed import maybe_initialize
 assert maybe_initialize({"coordinator_address": f"127.0.0.1:{port}", "num_processes": n, "process_id": pid}) == (n > 1)
 import jax.numpy as jnp, numpy as np
 from conftest import TINY_PRETRAIN, compose_config as compose
+"""
+
+PRETRAIN_WORKER = PRELUDE + r"""
+run_dir, = args
 from sslvit import optim
 from sslvit.pretraining import Pretraining
 from sslvit.train import batch_sharding, make_mesh, make_train_step, replicated, to_global
@@ -80,16 +88,69 @@ print("RESULT " + json.dumps(out), flush=True)
 """
 
 
+# The fine-tuning or linear-probe stage on CIFAR-10 from the tiny pretraining run (`run`), into `out_dir`. The pair
+# shares `out_dir`; the 1-process reference (n=1) trains on the pair's global batches: shard 0's rows, then shard
+# 1's, read through the same iterator with process_index/process_count given. Reports each step's loss, this
+# process's rows of the first batch, the probe classifiers and the files this process wrote (Path.write_text).
+STAGE_WORKER = PRELUDE + r"""
+import hashlib
+from pathlib import Path
+stage, run, out_dir, *overrides = args
+written, write_text = [], Path.write_text
+def recording_write_text(self, *a, **k):
+    written.append(Path(self).name)
+    return write_text(self, *a, **k)
+Path.write_text = recording_write_text
+import sslvit.data as data_lib
+if n == 1:
+    make = data_lib.make_train_iterator
+    def both_shards(cfg, *, batch_size, **kw):
+        halves = [make(cfg, batch_size=batch_size // 2, process_index=i, process_count=2, **kw) for i in range(2)]
+        return ({k: np.concatenate([b[k] for b in pair]) for k in pair[0]} for pair in zip(*halves))
+    data_lib.make_train_iterator = both_shards
+out = {"process": jax.process_index(), "processes": jax.process_count(), "losses": []}
+cfg = compose(stage, [f"run={run}", "progress=false", *overrides])
+if stage == "finetune":
+    import sslvit.finetune as stage_lib
+    fit = stage_lib.fit
+    def recording_fit(*, step_fn, **kw):
+        def step(state, batch, consts):
+            if not out["losses"]:
+                out["first_labels"] = np.asarray(batch["label"].addressable_shards[0].data).tolist()
+            state, metrics = step_fn(state, batch, consts)
+            out["losses"].append(float(metrics["loss"]))
+            return state, metrics
+        return fit(step_fn=step, **kw)
+    stage_lib.fit = recording_fit
+    results = stage_lib.finetune(cfg, out_dir)
+    results.pop("model")
+else:
+    import sslvit.probe as stage_lib
+    train = stage_lib.train_linear_probes
+    def recording_train(*a, **kw):
+        params = train(*a, **kw)
+        out["classifiers_sha256"] = hashlib.sha256(np.asarray(params["w"]).tobytes() +
+                                                   np.asarray(params["b"]).tobytes()).hexdigest()
+        out["w"] = np.asarray(params["w"]).tolist()
+        return params
+    stage_lib.train_linear_probes = recording_train
+    results = stage_lib.linear_probe(cfg, out_dir)
+out["results"], out["written"] = results, written
+print("RESULT " + json.dumps(out, default=str), flush=True)
+"""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _start(pid: int, n: int, port: int, run_dir: str) -> subprocess.Popen:
+def _start(worker: str, pid: int, n: int, port: int, *args: str) -> subprocess.Popen:
+    """Process `pid` of `n` running `worker` (PRELUDE + a script) with `args`; one CPU device per process."""
     env = dict(os.environ, PYTHONPATH=f"{REPO / 'tests'}{os.pathsep}{REPO}", JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=1", TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.Popen([sys.executable, "-c", WORKER, str(pid), str(n), str(port), run_dir], env=env,
+    return subprocess.Popen([sys.executable, "-c", worker, str(pid), str(n), str(port), *map(str, args)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -115,7 +176,8 @@ def test_two_processes_train_in_lockstep_and_match_one_process(tmp_path):
     run_dir = tmp_path / "run"
     port = _free_port()
     # All three at once: the reference run overlaps the pair's start-up.
-    procs = [_start(i, 2, port, str(run_dir) if real else "-") for i in range(2)] + [_start(0, 1, 0, "-")]
+    procs = [_start(PRETRAIN_WORKER, i, 2, port, run_dir if real else "-") for i in range(2)]
+    procs.append(_start(PRETRAIN_WORKER, 0, 1, 0, "-"))
     (p0, err0), (p1, err1), (one, _) = [_finish(p) for p in procs]
 
     assert (p0["process"], p1["process"]) == (0, 1)
@@ -145,6 +207,67 @@ def test_two_processes_train_in_lockstep_and_match_one_process(tmp_path):
     # Logs: INFO from process 0 only; process 1 stays quiet unless something is wrong.
     assert "INFO sslvit.pretraining: pretraining" in err0
     assert "INFO sslvit" not in err1, err1[-2000:]
+
+
+def _stage_pair_and_reference(stage: str, run, tmp_path, overrides: list[str]):
+    """Process 0 and 1 of a 2-process run into tmp_path/pair and the 1-process reference into tmp_path/one, all
+    three at once."""
+    port = _free_port()
+    procs = [_start(STAGE_WORKER, i, 2, port, stage, run, tmp_path / "pair", *overrides) for i in range(2)]
+    procs.append(_start(STAGE_WORKER, 0, 1, 0, stage, run, tmp_path / "one", *overrides))
+    (p0, err0), (p1, err1), (one, _) = [_finish(p) for p in procs]
+    assert (p0["process"], p1["process"], p0["processes"], p1["processes"], one["processes"]) == (0, 1, 2, 2, 1)
+    # Results and logs from process 0 only.
+    assert p0["written"] == [RESULTS] and p1["written"] == [], (p0["written"], p1["written"])
+    assert "INFO sslvit" in err0 and "INFO sslvit" not in err1, err1[-2000:]
+    return p0, p1, one
+
+
+@pytest.mark.slow
+def test_two_processes_finetune_in_lockstep_and_match_one_process(pretrain_run, tmp_path):
+    """Fine-tuning the tiny pretraining run on 2 processes (Mixup + CutMix, drop-path and label smoothing on: every
+    random draw spans the global batch) steps like 1 process fed the same global batches; the test split is
+    counted once (250 images: uneven padded shards)."""
+    steps = 4
+    p0, p1, one = _stage_pair_and_reference("finetune", pretrain_run, tmp_path, [
+        "data.train_split='train[:256]'", "data.test_split='test[:250]'", "batch_size=32", f"steps={steps}",
+        "log_every=1", "ckpt_every=2", "optim.warmup_steps=1", "finetune.mixup_alpha=0.8",
+        "finetune.cutmix_alpha=1.0"])
+    # Each process reads its own rows: distinct shards, together the reference's global batch.
+    assert len(p0["first_labels"]) == len(p1["first_labels"]) == 16 and p0["first_labels"] != p1["first_labels"]
+    assert p0["first_labels"] + p1["first_labels"] == one["first_labels"]
+    # Lockstep: the same replicated loss on both processes at every step, and the 1-process loss.
+    assert len(p0["losses"]) == steps and p0["losses"] == p1["losses"]
+    np.testing.assert_allclose(p0["losses"], one["losses"], rtol=2e-5)
+    assert p0["losses"][-1] != p0["losses"][0]
+    r0, r1, ref = p0["results"], p1["results"], one["results"]
+    for key in ("train_loss", "test_top1", "test_examples"):
+        assert r0[key] == r1[key], key
+    assert r0["test_examples"] == ref["test_examples"] == 250
+    assert r0["test_top1"] == ref["test_top1"]
+    run_dir = tmp_path / "pair"
+    assert json.loads((run_dir / RESULTS).read_text())["test_top1"] == r0["test_top1"]
+    # Metrics once (process 0), checkpoints once (collectively).
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    np.testing.assert_allclose([r["loss"] for r in rows], p0["losses"], rtol=1e-6)
+    assert sorted(os.listdir(run_dir / "checkpoints"), key=int) == ["2", "4"]
+
+
+@pytest.mark.slow
+def test_two_processes_probe_like_one_process(pretrain_run, tmp_path):
+    """Both processes hold every feature in the split's order and train identical classifiers: the results are
+    those of 1 process."""
+    p0, p1, one = _stage_pair_and_reference("linear_probe", pretrain_run, tmp_path, [
+        "data.train_split='train[:512]'", "data.test_split='test[:250]'", "batch_size=64", "probe.epochs=5",
+        "probe.batch_size=128", "knn.k=5"])
+    assert p0["classifiers_sha256"] == p1["classifiers_sha256"]
+    np.testing.assert_allclose(p0["w"], one["w"], rtol=1e-5, atol=1e-7)
+    keys = ("num_train", "num_test", "layers", "top1", "train_top1", "knn_top1", "best_layer", "best_top1")
+    r0, r1, ref = p0["results"], p1["results"], one["results"]
+    assert (r0["num_train"], r0["num_test"]) == (512, 250)
+    assert {k: r0[k] for k in keys} == {k: r1[k] for k in keys} == {k: ref[k] for k in keys}
+    assert json.loads((tmp_path / "pair" / RESULTS).read_text())["top1"] == r0["top1"]
 
 
 # ------------------------------------------------------------------------------------------- resolution (pure)
@@ -187,6 +310,34 @@ def test_bad_settings_are_one_line_errors(cfg, env, match):
         resolve(cfg, env)
     assert "\n" not in str(e.value)
 
+
+@pytest.mark.parametrize("script", ["pretrain", "finetune", "linear_probe"])
+def test_every_script_initializes_from_its_distributed_block_first(script, tmp_path, monkeypatch):
+    """Each entry script hands its config's `distributed` block (the same keys in every config) to
+    maybe_initialize before it starts the stage."""
+    import importlib.util  # noqa: PLC0415
+
+    import sslvit.distributed  # noqa: PLC0415
+
+    class Initialized(Exception):
+        pass
+
+    calls = []
+
+    def initialize(cfg):
+        calls.append(cfg)
+        raise Initialized
+
+    monkeypatch.setattr(sslvit.distributed, "maybe_initialize", initialize)
+    cfg = compose_config(script, [] if script == "pretrain" else ["run=null"])
+    assert set(cfg.distributed) == set(KEYS) - {"initialization_timeout"}
+    assert resolve(cfg.distributed, {}) is None  # the defaults: a plain single-process run
+    spec = importlib.util.spec_from_file_location(f"script_{script}", REPO / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(Initialized):
+        module._main(cfg, tmp_path)
+    assert calls == [cfg.distributed]
 
 # ------------------------------------------------------------------------------------------- SLURM launcher config
 def test_slurm_launcher_config_builds_the_expected_sbatch_script(tmp_path, monkeypatch):
