@@ -13,6 +13,7 @@ from sslvit.errors import ConfigError
 from sslvit.finetune import Finetuning, count_params, memory_report, mix_batch, smooth_one_hot
 from sslvit.finetune_modes import FINETUNE_MODES, trainable_paths
 from sslvit.models import resize_pos_embedding
+from sslvit.models.vit import branch_axis
 from sslvit.pretrained import load_into
 
 # A small parallel ViT trained from scratch on synthetic batches: 2 layers x 2 branches, hMLP stem with BatchNorm,
@@ -58,11 +59,11 @@ def test_attn_only_trains_exactly_every_branch_attention(hydra_compose):
     for name in before:
         if name in ATTN_ONLY:
             assert not np.array_equal(before[name], after[name]), f"{name} did not train"
-            if name.startswith("layers/"):  # (depth, branch, ...): every layer's every branch trained
+            if name.startswith("layers/"):  # (depth, ...): every layer's every branch trained
                 for layer in range(2):
                     for branch in range(2):
-                        assert not np.array_equal(before[name][layer, branch], after[name][layer, branch]), \
-                            f"{name} layer {layer} branch {branch} did not train"
+                        b0, b1 = (np.take(x[layer], branch, axis=branch_axis(name)) for x in (before[name], after[name]))
+                        assert not np.array_equal(b0, b1), f"{name} layer {layer} branch {branch} did not train"
         else:
             assert np.array_equal(before[name], after[name]), f"frozen {name} changed"
 

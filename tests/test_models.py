@@ -49,12 +49,12 @@ def reference_forward(p, img, patch, heads):
     x = np.concatenate([np.broadcast_to(p["cls_token"], (b, 1, d)), x], 1)
     layers_out = []
     A, M = p["layers"]["attn"], p["layers"]["mlp"]
-    depth, branches = A["qkv_kernel"].shape[:2]
+    depth, branches = A["qkv_kernel"].shape[0], A["qkv_kernel"].shape[2]  # (depth, D, P, 3, H, E)
     for l in range(depth):
         upd = 0
         for br in range(branches):
             xn = _ln(x, A["norm_scale"][l, br], A["norm_bias"][l, br])
-            qkv = np.einsum("bnd,dthe->bnthe", xn, A["qkv_kernel"][l, br]) + A["qkv_bias"][l, br]
+            qkv = np.einsum("bnd,dthe->bnthe", xn, A["qkv_kernel"][l, :, br]) + A["qkv_bias"][l, br]
             q, kk, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
             e = q.shape[-1]
             att = np.einsum("bqhe,bkhe->bhqk", q, kk) / np.sqrt(e)
@@ -69,7 +69,7 @@ def reference_forward(p, img, patch, heads):
         upd = 0
         for br in range(branches):
             xn = _ln(x, M["norm_scale"][l, br], M["norm_bias"][l, br])
-            hdn = _gelu(xn @ M["fc1_kernel"][l, br] + M["fc1_bias"][l, br])
+            hdn = _gelu(xn @ M["fc1_kernel"][l, :, br] + M["fc1_bias"][l, br])
             o = hdn @ M["fc2_kernel"][l, br] + M["fc2_bias"][l, br]
             if "layer_scale" in M:
                 o = o * M["layer_scale"][l, br]

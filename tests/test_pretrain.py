@@ -43,7 +43,7 @@ def test_pretraining_run_learns_and_writes_its_run_dir(pretrain_run):
     assert results["test_accuracy"] > 1.4 * results["chance_accuracy"], results
     params, meta = load_params(run_dir)
     assert meta["stage"] == "pretrain" and meta["model"]["dim"] == 64 and meta["model"]["stem"] == "hmlp"
-    assert params["encoder"]["layers"]["attn"]["qkv_kernel"].shape == (2, 2, 64, 3, 2, 32)
+    assert params["encoder"]["layers"]["attn"]["qkv_kernel"].shape == (2, 64, 2, 3, 2, 32)
 
 
 def _kill_when_step_logged(run_dir, step: int, timeout: float = 300):
