@@ -100,6 +100,38 @@ def squared_distances(x: jax.Array, codebook: jax.Array) -> jax.Array:
     return jnp.maximum(x_sq - 2.0 * xc + c_sq, 0.0)
 
 
+# Above this many (row, code) distances, `nearest_code` walks the codebook in chunks instead of building the whole
+# (rows x K) matrix: ImageNet at K=8192 and 256 images per step would be 1.6 G floats (6.6 GB) at once.
+NEAREST_CODE_MAX_ENTRIES = 2**26
+
+
+def nearest_code(x: jax.Array, codebook: jax.Array, max_entries: int = NEAREST_CODE_MAX_ENTRIES) -> jax.Array:
+    """Index of the nearest codebook row for each row of x (M, D): argmin of `squared_distances`, with at most
+    ~`max_entries` distances alive at a time. Chunks run over the codebook, not the rows, so rows sharded over
+    devices stay where they are; ties go to the lower index, as with one argmin."""
+    m, k = x.shape[0], codebook.shape[0]
+    chunk = max(1, min(k, max_entries // max(m, 1)))
+    if chunk >= k:
+        return jnp.argmin(squared_distances(x, codebook), axis=-1).astype(jnp.int32)
+    n_chunks = -(-k // chunk)
+    pad = n_chunks * chunk - k  # padded codes are +inf away, never chosen
+    padded = jnp.pad(codebook, ((0, pad), (0, 0)))
+    valid = jnp.arange(n_chunks * chunk) < k
+
+    def body(carry, i):
+        best_d, best_i = carry
+        c = jax.lax.dynamic_slice_in_dim(padded, i * chunk, chunk)
+        d = jnp.where(jax.lax.dynamic_slice_in_dim(valid, i * chunk, chunk), squared_distances(x, c), jnp.inf)
+        j = jnp.argmin(d, axis=-1)
+        dj = jnp.take_along_axis(d, j[:, None], axis=-1)[:, 0]
+        better = dj < best_d  # strict: an earlier chunk keeps a tie
+        return (jnp.where(better, dj, best_d), jnp.where(better, j + i * chunk, best_i)), None
+
+    init = (jnp.full((m,), jnp.inf, jnp.float32), jnp.zeros((m,), jnp.int32))
+    (_, best), _ = jax.lax.scan(body, init, jnp.arange(n_chunks))
+    return best.astype(jnp.int32)
+
+
 def _kmeans_plusplus(x: jax.Array, k: int, key: jax.Array) -> jax.Array:
     """Greedy k-means++ seeding (as in scikit-learn): each step draws 2 + ln(k) candidates by D^2
     sampling and keeps the one that lowers the potential most; plain k-means++ often puts two
@@ -457,8 +489,7 @@ class KMeansTarget(Target):
                 f"target: codebook patch dim {codebook.shape[-1]} != image patch dim {d} "
                 f"(patch_size={self.patch_size}); refit the tokenizer for this patch size/channels"
             )
-        tokens = jnp.argmin(squared_distances(patches.reshape(b * n, d), codebook), axis=-1)
-        return tokens.astype(jnp.int32).reshape(b, n)
+        return nearest_code(patches.reshape(b * n, d), codebook).reshape(b, n)
 
     def loss(self, predictions, targets, mask):
         if predictions.shape[-1] != self.vocab_size:

@@ -283,3 +283,18 @@ def test_kmeans_random_init_for_large_vocab(monkeypatch):
     assert counts.sum() == 300 and counts.min() > 0
     np.testing.assert_array_equal(np.asarray(T.kmeans(x, 12, iters=5, seed=0)["codebook"]),
                                   np.asarray(res["codebook"]))
+
+
+@pytest.mark.parametrize("max_entries", [1, 7 * 40, 13 * 40, 10**9])
+def test_nearest_code_in_codebook_chunks_equals_one_argmin(max_entries):
+    """The chunked walk over the codebook (used when rows x codes is large) picks exactly the codes of one argmin
+    over all distances, including ties (duplicated codes: the lower index wins) and a last, partial chunk."""
+    rng = np.random.default_rng(0)
+    codebook = rng.standard_normal((37, 12)).astype(np.float32)
+    codebook[20] = codebook[3]  # a tie: 3 must win
+    x = np.concatenate([rng.standard_normal((35, 12)), codebook[[3, 36, 0]] + 1e-3]).astype(np.float32)
+    want = np.asarray(jnp.argmin(T.squared_distances(jnp.asarray(x), jnp.asarray(codebook)), axis=-1))
+    got = np.asarray(jax.jit(T.nearest_code, static_argnums=2)(jnp.asarray(x), jnp.asarray(codebook), max_entries))
+    np.testing.assert_array_equal(got, want)
+    assert got[-3] == 3 and got[-2] == 36 and got[-1] == 0
+    assert got.dtype == np.int32
