@@ -18,27 +18,24 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import importlib.metadata
+import importlib.util
 import os
 import sys
 
 # mallopt parameters (glibc malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _applied = False
-# Distributions that give JAX a non-CPU backend (jax[cuda12] installs jax-cuda12-plugin, jax[tpu] libtpu, ...).
-_ACCELERATOR_PREFIXES = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu", "jax-metal", "jax_metal")
 
 
 def _runs_on_cpu() -> bool:
-    """Whether JAX will use the CPU backend, decided without initialising JAX."""
+    """Whether JAX will use the CPU backend, decided without initialising (or importing) JAX: JAX_PLATFORMS, else
+    whether an accelerator plugin is installed. GPU (CUDA, ROCm) and Metal plugins live in the `jax_plugins`
+    namespace package, where JAX discovers them; TPUs come with `libtpu`. A module lookup, not a scan of the
+    installed distributions: this runs at every script start."""
     platforms = os.environ.get("JAX_PLATFORMS", os.environ.get("JAX_PLATFORM_NAME", "")).strip().lower()
     if platforms:
         return platforms.split(",")[0] == "cpu"
-    try:
-        names = {(d.metadata["Name"] or "").lower() for d in importlib.metadata.distributions()}
-    except Exception:  # noqa: BLE001  (a broken metadata entry must not stop a run)
-        return False
-    return not any(n.startswith(_ACCELERATOR_PREFIXES) for n in names)
+    return not any(importlib.util.find_spec(name) for name in ("jax_plugins", "libtpu"))
 
 
 def keep_host_memory() -> bool:

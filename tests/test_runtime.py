@@ -45,3 +45,19 @@ def test_host_memory_is_reused_between_steps():
     assert applied and not default_applied
     assert default_mib > 50, f"expected the default allocator to fault the arena each call, got {default_mib} MiB"
     assert kept_mib < 0.1 * default_mib, (kept_mib, default_mib)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_not_applied_where_an_accelerator_plugin_is_installed(tmp_path):
+    """With no JAX_PLATFORMS, an installed PJRT plugin (the `jax_plugins` namespace, as jax-cuda13-pjrt installs
+    `jax_plugins.xla_cuda13`) means JAX will not run on the CPU: the setting is left off (it slowed GPU compiles)."""
+    (tmp_path / "jax_plugins" / "xla_fake").mkdir(parents=True)
+    (tmp_path / "jax_plugins" / "xla_fake" / "__init__.py").write_text("")
+    code = "from sslvit.runtime import keep_host_memory; print(keep_host_memory())"
+    for plugin, expected in ((True, "False"), (False, "True")):
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("JAX_PLATFORMS", "JAX_PLATFORM_NAME", "SSLVIT_HOST_MALLOC")}
+        if plugin:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+        assert out.stdout.strip() == expected, (plugin, out.stdout, out.stderr[-1000:])
