@@ -186,6 +186,22 @@ def finetune_step(preset: str | dict, batch: int, *, dtype: str = "float32", mod
     return Step(step, state, {"image": images, "label": labels}, None, flops, model)
 
 
+def inference_forward(preset: str | dict, batch: int, *, dtype: str = "float32", **model_overrides):
+    """A blocking call of the compiled inference forward pass (1000 classes, linear stem, random weights), its
+    model FLOPs and compile seconds; warmed up once."""
+    from sslvit.flops import forward_flops  # noqa: PLC0415
+
+    model = build_vit(model_preset(preset, stem="linear", dtype=dtype, **model_overrides), num_classes=1000)
+    size = model.grid_size[0] * model.patch_size
+    x = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
+    params = jax.jit(model.init)(jax.random.key(0), x[:1])
+    t0 = time.perf_counter()
+    f = jax.jit(model.apply).lower(params, x).compile()
+    compile_s = time.perf_counter() - t0
+    f(params, x).block_until_ready()
+    return (lambda: f(params, x).block_until_ready()), batch * forward_flops(model), compile_s
+
+
 def device_line() -> str:
     return (f"device: {jax.devices()[0].device_kind} x {jax.device_count()} ({jax.default_backend()}), "
             f"{os.cpu_count()} CPU cores, jax {jax.__version__}, host malloc {HOST_MALLOC}")

@@ -16,28 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import PRESETS, build_vit, device_line, model_preset, parse_overrides, timed  # noqa: E402
+from common import PRESETS, device_line, inference_forward, parse_overrides, timed  # noqa: E402
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
-
-from sslvit.flops import forward_flops  # noqa: E402
-
-
-def make_forward(preset: str, batch: int, dtype: str, **model_overrides):
-    model = build_vit(model_preset(preset, stem="linear", dtype=dtype, **model_overrides), num_classes=1000)
-    size = model.grid_size[0] * model.patch_size
-    x = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
-    params = jax.jit(model.init)(jax.random.key(0), x[:1])
-    t0 = time.perf_counter()
-    f = jax.jit(model.apply).lower(params, x).compile()
-    compile_s = time.perf_counter() - t0
-    f(params, x).block_until_ready()  # warm-up
-    return (lambda: f(params, x).block_until_ready()), batch * forward_flops(model), compile_s
 
 
 def main():
@@ -53,7 +37,7 @@ def main():
     over = parse_overrides(args.model)
     print(device_line() + f", {args.dtype}" + (f"; model overrides {over}" if over else ""))
     for batch in (int(b) for b in args.batches.split(",")):
-        fns = {name: make_forward(name, batch, args.dtype, **over) for name in (args.parallel, args.sequential)}
+        fns = {name: inference_forward(name, batch, dtype=args.dtype, **over) for name in (args.parallel, args.sequential)}
         times = {name: [] for name in fns}
         for _ in range(args.rounds):
             for name, (fn, _, _) in fns.items():

@@ -20,13 +20,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import (PRESETS, build_vit, device_line, finetune_step, matmul_peak, model_preset,  # noqa: E402
+from common import (PRESETS, device_line, finetune_step, inference_forward, matmul_peak,  # noqa: E402
                     parse_overrides, pretrain_step, timeit)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-
-from sslvit.flops import forward_flops  # noqa: E402
 
 
 def pretrain_step_bench(preset, batch: int, dtype: str, stem: str = "hmlp", vocab: int = 512, **model_overrides):
@@ -46,12 +44,8 @@ def finetune_step_bench(preset, batch: int, dtype: str, mode: str = "full", **mo
 
 
 def inference_latency(preset: str, batch: int, dtype: str = "float32", **model_overrides):
-    model = build_vit(model_preset(preset, stem="linear", dtype=dtype, **model_overrides), num_classes=1000)
-    size = model.grid_size[0] * model.patch_size
-    x = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
-    params = jax.jit(model.init)(jax.random.key(0), x[:1])
-    f = jax.jit(model.apply)
-    return timeit(lambda: f(params, x).block_until_ready(), min_time=2.0), batch * forward_flops(model)
+    fn, flops, _ = inference_forward(preset, batch, dtype=dtype, **model_overrides)
+    return timeit(fn, min_time=2.0, warmup=1), flops
 
 
 def bf16_supported() -> bool:
