@@ -18,7 +18,7 @@ from sslvit.models import ViT
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODEL_KEYS = ("image_size", "patch_size", "dim", "depth", "heads", "mlp_dim", "num_parallel_branches", "dim_head",
               "dropout", "emb_dropout", "drop_path", "layer_scale_init", "pool", "pos_embedding", "channels",
-              "remat", "unroll_layers")
+              "remat", "unroll_layers", "attention", "remat_policy")
 
 
 def to_dict(cfg: Any) -> dict:

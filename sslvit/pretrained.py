@@ -31,7 +31,8 @@ CHECKPOINT_SUBDIR = "checkpoints"
 ARCH_KEYS = ("patch_size", "dim", "depth", "heads", "mlp_dim", "num_parallel_branches", "dim_head", "channels",
              "pos_embedding", "layer_scale_init", "stem", "stem_norm")
 # Keys a user may change when reusing a trained encoder (they change how it runs, not what it holds).
-RUNTIME_KEYS = ("dtype", "remat", "unroll_layers", "dropout", "emb_dropout", "pool", "drop_path")
+RUNTIME_KEYS = ("dtype", "remat", "unroll_layers", "dropout", "emb_dropout", "pool", "drop_path", "attention",
+                "remat_policy")
 # Leaves a classifier built from a pretrained encoder does not have (pretext-only parameters).
 PRETEXT_ONLY = (("mask_token",),)
 

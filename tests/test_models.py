@@ -332,6 +332,60 @@ def test_unrolled_layers_are_the_same_model():
     with pytest.raises(ConfigError, match="unroll_layers='yes' must be true or false"):
         tiny(unroll_layers="yes")
 
+def test_fused_attention_kernel_equals_the_explicit_path():
+    """attention="xla" (jax.nn.dot_product_attention, the function the cuDNN kernel implements on GPU) gives the
+    explicit path's outputs and gradients, with 1 and 2 branches: float32 to rounding, bfloat16 within its
+    precision. (One jitted program for all cases: compiles dominate this test.)"""
+    img = images()
+    cases = {(p, name): dict(num_parallel_branches=p, layer_scale_init=0.1, drop_path=0.2, dtype=dtype, heads=2,
+                             depth=2)
+             for p in (1, 2) for name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16))}
+    params = {p: jax.jit(tiny(**cases[(p, "float32")]).init)(jax.random.PRNGKey(0), img)["params"] for p in (1, 2)}
+
+    def value_and_grad(model, p):
+        def f(params):
+            out = model.apply({"params": params}, img, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+            return jnp.sum(out.astype(jnp.float32) ** 2), out.astype(jnp.float32)
+        return jax.value_and_grad(f, has_aux=True)(p)
+
+    results = jax.jit(lambda prm: {key: [value_and_grad(tiny(attention=impl, **kw), prm[key[0]])
+                                         for impl in ("explicit", "xla")] for key, kw in cases.items()})(params)
+    for (p, dtype), (((loss_e, out_e), g_e), ((loss_f, out_f), g_f)) in results.items():
+        tol = 2e-5 if dtype == "float32" else 3e-2
+        msg = f"{p} branches, {dtype}"
+        np.testing.assert_allclose(out_f, out_e, atol=tol * float(np.abs(out_e).max()), err_msg=msg)
+        np.testing.assert_allclose(loss_f, loss_e, rtol=tol, err_msg=msg)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_f), jax.tree.leaves(g_e)):
+            np.testing.assert_allclose(a, b, atol=tol * float(np.abs(b).max()) + 1e-12, err_msg=f"{msg} {path}")
+    # On this CPU backend "auto" is the explicit path (the same program), and cuDNN is a clear error.
+    if jax.default_backend() == "cpu":
+        kw = cases[(2, "bfloat16")]
+
+        def lowered(attention):
+            model = tiny(attention=attention, **kw)
+            return jax.jit(lambda prm: model.apply({"params": prm}, img)).lower(params[2]).as_text()
+
+        assert lowered("auto") == lowered("explicit")
+        with pytest.raises(ConfigError, match="model.attention=cudnn needs a CUDA GPU"):
+            lowered("cudnn")
+
+
+def test_remat_policy_saving_matmuls_keeps_values_and_uses_more_memory_than_full_remat():
+    img = images(n=16, size=32)
+    kw = dict(image_size=32, depth=4, dim=64, mlp_dim=256, remat=True)
+    full, dots = tiny(**kw), tiny(remat_policy="dots_with_no_batch_dims_saveable", **kw)
+    variables = jax.jit(full.init)(jax.random.PRNGKey(0), img[:1])
+
+    compiled = {name: jax.jit(jax.grad(lambda p, m=m: jnp.sum(m.apply({"params": p}, img) ** 2)))
+                .lower(variables["params"]).compile() for name, m in (("full", full), ("dots", dots))}
+    g_full, g_dots = (compiled[name](variables["params"]) for name in ("full", "dots"))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g_dots, g_full)
+    temp = {name: c.memory_analysis().temp_size_in_bytes for name, c in compiled.items()}
+    assert temp["dots"] > temp["full"], temp
+    with pytest.raises(ConfigError, match="remat_policy=dots_saveable has no effect without remat=true"):
+        tiny(remat_policy="dots_saveable")
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(image_size=18), "image_size=18 is not divisible by patch_size=4"),
     (dict(dim=30, heads=4), "dim=30 is not divisible by heads=4"),
@@ -341,6 +395,8 @@ def test_unrolled_layers_are_the_same_model():
     (dict(pool="max"), "pool='max'"),
     (dict(drop_path=1.0), "drop_path=1.0"),
     (dict(stem="hmlp", stem_norm="group"), "stem norm='group'"),
+    (dict(attention="flash"), r"attention='flash': choose one of \['auto', 'explicit', 'xla', 'cudnn'\]"),
+    (dict(remat=True, remat_policy="everything"), "remat_policy='everything': choose one of"),
 ])
 def test_bad_arguments_raise_clear_errors_at_construction(kwargs, match):
     with pytest.raises(ConfigError, match=match):

@@ -17,7 +17,15 @@ the official per-branch block, with wider matmuls. The input projections are sto
 so that the P matrices side by side are a plain reshape, not a transpose of the weights on every call (measured on
 CPU: transposes were ~10% of ViT-S 18x2 inference at batch 1).
 
+Attention kernel (`attention`). "explicit" writes q·kᵀ, a float32 softmax and probs·v as three XLA ops (the
+fastest on CPU); "xla" and "cudnn" call `jax.nn.dot_product_attention` with that implementation ("cudnn": the
+fused flash-attention kernel, which never writes the (heads, tokens, tokens) probabilities to memory). "auto"
+(default) picks cudnn where it applies (a CUDA GPU, bfloat16 or float16, head dim a multiple of 8 up to 128) and
+explicit everywhere else, so CPU runs are unchanged. All compute the same function (tests/test_models.py).
+
 Layers run under `nn.scan` (parameters stacked on a leading depth axis): compile time does not grow with depth.
+Named scopes (`fold`, `layernorm`, `attention`, `gelu`, `drop_path`) tag the ops in profiles and HLO dumps
+(bench/profile_step.py sorts a step's time by them).
 """
 
 from __future__ import annotations
@@ -36,6 +44,11 @@ Dtype = Any
 LN_EPS = 1e-6
 POOLS = ("cls", "mean")
 POS_EMBEDDINGS = ("learned", "sincos")
+ATTENTION = ("auto", "explicit", "xla", "cudnn")
+# Rematerialisation policies (`remat_policy`, with remat=true): what the backward pass may keep instead of
+# recomputing. jax.checkpoint_policies names; the dots_* ones keep matmul outputs (the projections: no batch
+# dims; dots_saveable also the attention logits), trading memory for the recompute of the matmuls.
+REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable")
 
 
 # Axis of the branch (P) in each per-layer parameter of ParallelAttention / ParallelMLP (0 unless listed): the input
@@ -105,6 +118,41 @@ def _contract(x, w, n: int):
     return out.reshape(*x.shape[:-n], *rest)
 
 
+def cudnn_attention_applies(dtype, head_dim: int) -> bool:
+    """Whether cuDNN's fused attention takes these inputs here: a CUDA GPU backend, half-precision q/k/v and a head
+    dim that is a multiple of 8 and at most 128 (the limits `jax.nn.dot_product_attention` checks)."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) or head_dim % 8 or head_dim > 128:
+        return False
+    if jax.default_backend() != "gpu":
+        return False
+    return "cuda" in jax.devices()[0].client.platform_version.lower()
+
+
+def resolve_attention(attention: str, dtype, head_dim: int) -> str:
+    """The implementation `attention` means for these inputs on this backend ("auto" -> "cudnn" or "explicit")."""
+    if attention == "auto":
+        return "cudnn" if cudnn_attention_applies(dtype, head_dim) else "explicit"
+    if attention == "cudnn" and not cudnn_attention_applies(dtype, head_dim):
+        raise ConfigError(f"model.attention=cudnn needs a CUDA GPU, model.dtype=bfloat16 and a head dim that is a "
+                          f"multiple of 8 up to 128 (here {jax.default_backend()}, {jnp.dtype(dtype).name}, head dim "
+                          f"{head_dim}): use model.attention=auto")
+    return attention
+
+
+def multi_head_attention(q, k, v, implementation: str):
+    """Multi-head attention of (b, n, heads, e) q, k, v -> (b, n, heads, e), scale e^-0.5, softmax in float32."""
+    if implementation in ("xla", "cudnn"):
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    e = q.shape[-1]
+    # Softmax in float32 (bf16 logits overflow at high resolution).
+    logits = jnp.einsum("bqhe,bkhe->bhqk", q, k, preferred_element_type=jnp.float32) * (e**-0.5)
+    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+    # probs @ v as a batched matmul in natural order, (b,h,q,k)·(b,h,k,e) -> (b,h,q,e): jnp.einsum
+    # "bhqk,bkhe->bqhe" swaps the operands (vᵀ·probsᵀ, transposed output), ~2.5x slower on CPU.
+    out = jax.lax.dot_general(probs, v, (((3,), (1,)), ((0, 1), (0, 2))))
+    return out.transpose(0, 2, 1, 3)
+
+
 def _trunc_normal(std=0.02):
     return nn.initializers.truncated_normal(std)
 
@@ -120,6 +168,7 @@ class ParallelAttention(nn.Module):
     layer_scale_init: Optional[float] = None
     qkv_bias: bool = True
     dtype: Dtype = jnp.float32
+    attention: str = "auto"  # see the module doc
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -137,28 +186,31 @@ class ParallelAttention(nn.Module):
         )
 
         # Fold each branch's LayerNorm affine into its qkv projection: one matmul for all branches.
-        w_qkv = norm_scale.T[:, :, None, None, None] * qkv_kernel
-        b_qkv = jnp.einsum("pd,dpthe->pthe", norm_bias, qkv_kernel) + qkv_bias
-        xhat = _normalize(x).astype(self.dtype)
+        with jax.named_scope("fold"):
+            w_qkv = norm_scale.T[:, :, None, None, None] * qkv_kernel
+            b_qkv = jnp.einsum("pd,dpthe->pthe", norm_bias, qkv_kernel) + qkv_bias
+        with jax.named_scope("layernorm"):
+            xhat = _normalize(x).astype(self.dtype)
         qkv = _contract(xhat, w_qkv.astype(self.dtype), 1) + b_qkv.astype(self.dtype)  # (b, n, P, 3, H, E)
         q, k, v = (qkv[:, :, :, i].reshape(b, n, P * H, E) for i in range(3))
 
-        # One attention over P*H heads; softmax in float32 (bf16 logits overflow at high resolution).
-        logits = jnp.einsum("bqhe,bkhe->bhqk", q, k, preferred_element_type=jnp.float32) * (E**-0.5)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        # probs @ v as a batched matmul in natural order, (b,h,q,k)·(b,h,k,e) -> (b,h,q,e): jnp.einsum
-        # "bhqk,bkhe->bqhe" swaps the operands (vᵀ·probsᵀ, transposed output), ~2.5x slower on CPU.
-        out = jax.lax.dot_general(probs, v, (((3,), (1,)), ((0, 1), (0, 2))))
-        out = out.transpose(0, 2, 1, 3).reshape(b, n, P, H, E)
+        # One attention over P*H heads.
+        with jax.named_scope("attention"):
+            out = multi_head_attention(q, k, v, resolve_attention(self.attention, self.dtype, E))
+        out = out.reshape(b, n, P, H, E)
 
         # Output projections of all branches in one matmul over (branch, head, dim_head); LayerScale folded in.
-        w_out = (out_kernel * gamma[:, None, None, :]).astype(self.dtype)
-        bias = gamma * out_bias  # (P, D)
-        scale = _drop_path_scale(self, self.drop_path, P, b, train)
+        with jax.named_scope("fold"):
+            w_out = (out_kernel * gamma[:, None, None, :]).astype(self.dtype)
+            bias = gamma * out_bias  # (P, D)
+        with jax.named_scope("drop_path"):
+            scale = _drop_path_scale(self, self.drop_path, P, b, train)
         if scale is None:
             return _contract(out, w_out, 3) + bias.sum(0).astype(self.dtype)
-        out = out * scale.T[:, None, :, None, None].astype(self.dtype)
-        return _contract(out, w_out, 3) + jnp.einsum("pb,pd->bd", scale, bias)[:, None].astype(self.dtype)
+        with jax.named_scope("drop_path"):
+            out = out * scale.T[:, None, :, None, None].astype(self.dtype)
+            bias = jnp.einsum("pb,pd->bd", scale, bias)[:, None].astype(self.dtype)
+        return _contract(out, w_out, 3) + bias
 
 
 class ParallelMLP(nn.Module):
@@ -187,20 +239,27 @@ class ParallelMLP(nn.Module):
             if self.layer_scale_init is not None else jnp.ones((P, D), jnp.float32)
         )
 
-        w1 = norm_scale.T[:, :, None] * fc1_kernel
-        b1 = jnp.einsum("pd,dpm->pm", norm_bias, fc1_kernel) + fc1_bias
-        xhat = _normalize(x).astype(self.dtype)
+        with jax.named_scope("fold"):
+            w1 = norm_scale.T[:, :, None] * fc1_kernel
+            b1 = jnp.einsum("pd,dpm->pm", norm_bias, fc1_kernel) + fc1_bias
+        with jax.named_scope("layernorm"):
+            xhat = _normalize(x).astype(self.dtype)
         h = _contract(xhat, w1.astype(self.dtype), 1) + b1.astype(self.dtype)  # (b, n, P, M)
-        h = gelu(h)
+        with jax.named_scope("gelu"):
+            h = gelu(h)
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
 
-        w2 = (fc2_kernel * gamma[:, None, :]).astype(self.dtype)
-        bias = gamma * fc2_bias
-        scale = _drop_path_scale(self, self.drop_path, P, b, train)
+        with jax.named_scope("fold"):
+            w2 = (fc2_kernel * gamma[:, None, :]).astype(self.dtype)
+            bias = gamma * fc2_bias
+        with jax.named_scope("drop_path"):
+            scale = _drop_path_scale(self, self.drop_path, P, b, train)
         if scale is None:
             return _contract(h, w2, 2) + bias.sum(0).astype(self.dtype)
-        h = h * scale.T[:, None, :, None].astype(self.dtype)
-        return _contract(h, w2, 2) + jnp.einsum("pb,pd->bd", scale, bias)[:, None].astype(self.dtype)
+        with jax.named_scope("drop_path"):
+            h = h * scale.T[:, None, :, None].astype(self.dtype)
+            bias = jnp.einsum("pb,pd->bd", scale, bias)[:, None].astype(self.dtype)
+        return _contract(h, w2, 2) + bias
 
 
 class ParallelLayer(nn.Module):
@@ -217,13 +276,14 @@ class ParallelLayer(nn.Module):
     dtype: Dtype = jnp.float32
     train: bool = False
     return_features: bool = False
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, _):
         # The residual stream stays float32; only matmul inputs use `dtype`.
         update = ParallelAttention(
             self.dim, self.heads, self.dim_head, self.branches, self.drop_path, self.layer_scale_init,
-            dtype=self.dtype, name="attn",
+            dtype=self.dtype, attention=self.attention, name="attn",
         )(x, self.train)
         x = x + nn.Dropout(self.dropout)(update, deterministic=not self.train).astype(jnp.float32)
         update = ParallelMLP(
@@ -275,8 +335,9 @@ class ViT(nn.Module):
     Arguments follow lucidrains' vit-pytorch (`image_size, patch_size, num_classes, dim, depth, heads, mlp_dim,
     pool, channels, dim_head, dropout, emb_dropout`) plus `num_parallel_branches`, `drop_path`,
     `layer_scale_init`, `stem`/`stem_norm`, `use_mask_token`, `pos_embedding`, `dtype` (activations; parameters
-    stay float32), `remat` and `unroll_layers` (compile the layers unrolled instead of as a loop: faster steps,
-    longer compiles; same parameters; ignored with remat).
+    stay float32), `remat` (with `remat_policy`, what the backward pass keeps: REMAT_POLICIES), `unroll_layers`
+    (compile the layers unrolled instead of as a loop: faster steps, longer compiles; same parameters; ignored with
+    remat) and `attention` (the attention kernel: ATTENTION, see the module doc).
 
     Rng streams: `emb_dropout` for the embedding dropout, `dropout` for dropout and drop path. With `train=False`
     (the default) all of them are off and the output is deterministic; no rng is needed.
@@ -310,6 +371,8 @@ class ViT(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
     unroll_layers: bool = False
+    attention: str = "auto"
+    remat_policy: str = "nothing_saveable"
 
     def __post_init__(self):
         self.validate()
@@ -348,6 +411,13 @@ class ViT(nn.Module):
                 raise ConfigError(f"{name}={v} must be in [0, 1)")
         if not isinstance(self.unroll_layers, (bool, np.bool_)):
             raise ConfigError(f"unroll_layers={self.unroll_layers!r} must be true or false")
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"attention={self.attention!r}: choose one of {list(ATTENTION)}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(f"remat_policy={self.remat_policy!r}: choose one of {list(REMAT_POLICIES)}")
+        if self.remat_policy != REMAT_POLICIES[0] and not self.remat:
+            raise ConfigError(f"remat_policy={self.remat_policy} has no effect without remat=true: set both, or "
+                              f"leave remat_policy={REMAT_POLICIES[0]}")
         if self.layer_scale_init is not None and not self.layer_scale_init > 0:
             raise ConfigError(f"layer_scale_init={self.layer_scale_init} must be > 0 (or null for no LayerScale)")
         get_stem(self.stem).validate(self.dim, p, self.stem_norm)
@@ -397,7 +467,7 @@ class ViT(nn.Module):
 
         layer = ParallelLayer
         if self.remat:
-            layer = nn.remat(layer, prevent_cse=False)
+            layer = nn.remat(layer, prevent_cse=False, policy=getattr(jax.checkpoint_policies, self.remat_policy))
         layers = nn.scan(
             layer,
             variable_axes={"params": 0},
@@ -411,7 +481,8 @@ class ViT(nn.Module):
             unroll=self.depth if self.unroll_layers and not self.remat else 1,
         )(
             self.dim, self.heads, dim_head, self.mlp_dim, self.num_parallel_branches, self.dropout, self.drop_path,
-            self.layer_scale_init, self.dtype, train, return_features and collect_layers, name="layers",
+            self.layer_scale_init, self.dtype, train, return_features and collect_layers,
+            attention=self.attention, name="layers",
         )
         x, per_layer = layers(x, None)
 
