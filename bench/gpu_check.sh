@@ -16,8 +16,8 @@
 #     python bench/gpu_bench.py summary --out bench/results/h200 --readme README.md    # then: the README table
 #
 # SSLVIT_BENCH_TINY=1 runs the same pipeline with tiny shapes (a CPU is enough; the figures mean nothing) and
-# triples the time limits. Needs jax (+ CUDA plugin), flax, optax, numpy, omegaconf, torch, timm; not TensorFlow
-# or Hydra.
+# triples the time limits. Runs from the checkout (no install); needs jax (+ CUDA plugin), flax, optax, numpy,
+# omegaconf, einops, torch, timm; not TensorFlow, TF datasets or Hydra.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/local}
@@ -25,6 +25,12 @@ mkdir -p "$OUT"
 rm -f "$OUT/rows.jsonl"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # one process per command; leave GPU memory to XLA's allocator
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/sslvit_jax_cache}  # a rerun compiles faster
+missing=$(python -c "import importlib.util as u; print(' '.join(m for m in ('jax', 'flax', 'optax', 'numpy',
+'omegaconf', 'einops', 'torch', 'timm') if u.find_spec(m) is None))")
+if [ -n "$missing" ]; then
+  echo "error: bench/gpu_check.sh needs these Python packages: $missing (pip install $missing)" >&2
+  exit 2
+fi
 SCALE=1
 [ "${SSLVIT_BENCH_TINY:-0}" != "0" ] && SCALE=3
 T0=$SECONDS
