@@ -16,7 +16,7 @@ checks the values (each option's range is declared once, where it is used).
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, TypeVar
 
 from sslvit.errors import ConfigError
 
@@ -60,22 +60,27 @@ class Registry(Generic[T]):
         """The options `build(name, ...)` accepts: the implementation's keyword parameters."""
         return _keyword_options(self.get(name))
 
-    def check_options(self, name: str, options: dict, *, ignore: tuple[str, ...] = ()) -> None:
-        """ConfigError for the first option `name` does not take (config keys in `ignore` are not options)."""
-        allowed = self.options(name)
+    def check_options(self, name: str, options: Mapping[str, Any], *, ignore: Iterable[str] = (),
+                      given: Iterable[str] = ()) -> None:
+        """ConfigError for the first config option `name` does not take. Config keys in `ignore` are not options
+        (e.g. `name` itself); parameters in `given` are passed by the program, so a config may not set them."""
+        ignore, given = set(ignore), set(given)
+        allowed = [o for o in self.options(name) if o not in given]
         unknown = sorted(k for k in options if k not in allowed and k not in ignore)
         if unknown:
-            listed = ", ".join(sorted(set(allowed) | set(ignore))) or "none"
+            listed = ", ".join(sorted(set(allowed) | ignore)) or "none"
             raise ConfigError(f"{self.options_key}.{unknown[0]} is not an option of {self.kind} {name!r}: its options "
                               f"are {listed}")
 
-    def build(self, name: str, /, *args: Any, ignore: tuple[str, ...] = (), **options: Any) -> Any:
-        """Call the implementation `name` with `args` and `options`, after checking the option names. Config keys
-        listed in `ignore` (e.g. the `name` key itself) are dropped first."""
+    def build(self, name: str, /, *args: Any, config: Mapping[str, Any] | None = None, ignore: Iterable[str] = (),
+              **given: Any) -> Any:
+        """Call the implementation `name` with `args`, the program's keyword arguments `given` and the options of
+        its config group `config` (their names checked first; keys in `ignore`, such as `name`, dropped)."""
         obj = self.get(name)
-        options = {k: v for k, v in options.items() if k not in ignore}
-        self.check_options(name, options, ignore=ignore)
-        return obj(*args, **options)
+        config = dict(config or {})
+        self.check_options(name, config, ignore=ignore, given=given)
+        options = {k: v for k, v in config.items() if k not in set(ignore)}
+        return obj(*args, **given, **options)
 
     def names(self) -> list[str]:
         return sorted(self._entries)
