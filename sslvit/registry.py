@@ -83,7 +83,12 @@ class Registry(Generic[T]):
         return obj(*args, **given, **options)
 
     def names(self) -> list[str]:
+        """Registered names, sorted."""
         return sorted(self._entries)
+
+    def items(self) -> list[tuple[str, T]]:
+        """(name, implementation) pairs in the order they were registered."""
+        return list(self._entries.items())
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
