@@ -35,13 +35,14 @@ from sslvit.config.checks import Boolean, Integer
 from sslvit.errors import ConfigError
 from sslvit.kmeans import kmeans, nearest_code
 from sslvit.registry import Registry
+from sslvit.rundir import TOKENIZER_FILE
 
 logger = logging.getLogger(__name__)
 
 State = dict[str, Any]  # pytree of arrays
 Array = Any  # np.ndarray | jax.Array
 
-TOKENIZER_FILENAME = "tokenizer.npz"
+TOKENIZER_FILENAME = TOKENIZER_FILE  # the name in a run dir (sslvit/rundir.py)
 
 
 # ----------------------------------------------------------------------------------------------

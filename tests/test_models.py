@@ -87,8 +87,8 @@ def test_seed_snippet():
             num_parallel_branches=2, dropout=0.1, emb_dropout=0.1)
     init_rngs = {"params": jax.random.PRNGKey(1), "dropout": jax.random.PRNGKey(2),
                  "emb_dropout": jax.random.PRNGKey(3)}
-    params = v.init(init_rngs, img)
-    output = v.apply(params, img, rngs=init_rngs)
+    params = jax.eval_shape(v.init, init_rngs, img)  # shapes only: the snippet's model has 97M parameters
+    output = jax.eval_shape(lambda p, x: v.apply(p, x, rngs=init_rngs), params, img)
     assert output.shape == (1, 1000)
     count = sum(jax.tree.leaves(jax.tree.map(lambda x: np.prod(x.shape), params)))
     d, m, L, P = 1024, 2048, 6, 2
@@ -120,8 +120,7 @@ def test_parallel_and_sequential_vit_s_have_equal_parameter_counts():
         model = ViT(image_size=224, patch_size=16, num_classes=1000, dim=384, depth=depth, heads=6, mlp_dim=1536,
                     num_parallel_branches=branches, layer_scale_init=1e-5)
         counts[depth] = n_params(jax.eval_shape(model.init, jax.random.PRNGKey(0), img))
-    assert counts[18] == counts[36]
-    assert 63e6 < counts[18] < 66e6  # ViT-S36: 36 x 12·384² + embeddings ≈ 64.7M
+    assert counts[18] == counts[36] == 64_665_064  # the official DeiT count of ViT-S 18x2 / 36x1 with LayerScale
 
 
 def test_stem_parameter_counts_match_paper():
@@ -336,11 +335,11 @@ def test_unrolled_layers_are_the_same_model():
     (dict(image_size=18), "image_size=18 is not divisible by patch_size=4"),
     (dict(dim=30, heads=4), "dim=30 is not divisible by heads=4"),
     (dict(num_parallel_branches=0), "num_parallel_branches"),
-    (dict(stem="resnet"), r"unknown stem 'resnet': choose one of \['conv', 'hmlp', 'linear'\]"),
+    (dict(stem="resnet"), "stem.name='resnet' is not a stem: choose one of conv, hmlp, linear"),
     (dict(stem="hmlp", patch_size=2, image_size=16), "patch_size=2 cannot be factored by the hmlp stem"),
     (dict(pool="max"), "pool='max'"),
     (dict(drop_path=1.0), "drop_path=1.0"),
-    (dict(stem="hmlp", stem_norm="group"), "stem norm='group'"),
+    (dict(stem="hmlp", stem_norm="group"), "stem.norm='group' must be one of batch, layer"),
 ])
 def test_bad_arguments_raise_clear_errors_at_construction(kwargs, match):
     with pytest.raises(ConfigError, match=match):

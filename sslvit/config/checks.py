@@ -2,7 +2,7 @@
 
 Each key of a config group is declared once, with its type and range, as a field of a frozen dataclass:
 
-    @dataclasses.dataclass(frozen=True)
+    @dataclasses.dataclass(frozen=True, kw_only=True)
     class ProbeConfig(Group):
         PREFIX = "probe"
         epochs: int = key(Integer(min=1), 50)
@@ -206,6 +206,65 @@ class AnyValue(Check):
     """No check here: the value is checked where it is used (e.g. a registry's options)."""
 
 
+class ImageSize(Check):
+    """A positive integer, or a pair [height, width] of them."""
+
+    what = "a positive integer (or a pair [height, width])"
+
+    def ok(self, value):
+        if is_int(value):
+            return value >= 1
+        return (isinstance(value, (list, tuple)) and len(value) == 2
+                and all(is_int(v) and v >= 1 for v in value))
+
+    def convert(self, value):
+        return int(value) if is_int(value) else [int(v) for v in value]
+
+
+class Name(Check):
+    """The name of something registered in `registry` (sslvit.registry.Registry); its wording for unknown names."""
+
+    def __init__(self, registry):
+        self.registry = registry
+
+    def __call__(self, value: Any, key: str, hint: str = "") -> Any:
+        if not isinstance(value, str) or value not in self.registry:
+            raise ConfigError(f"{key}={_show(value)} is not a {self.registry.kind}: choose one of "
+                              f"{', '.join(self.registry.names())}")
+        return value
+
+
+class Registered(Check):
+    """A config group that selects an implementation from `registry` by its `name` key (or a bare name, with the
+    implementation's default options); the other keys are that implementation's options (names checked here, values where it is built). `ignore`: keys of the group that are
+    not options (besides `name`); `given`: parameters the program passes, which a config may not set."""
+
+    def __init__(self, registry, ignore: Iterable[str] = (), given: Iterable[str] = ()):
+        self.registry = registry
+        self.ignore = ("name", *ignore)
+        self.given = tuple(given)
+
+    def __call__(self, value: Any, key: str, hint: str = "") -> Any:
+        items = {"name": value} if isinstance(value, str) else _items(value, key)  # a bare name: default options
+        name = items.get("name", MISSING_VALUE)
+        if name == MISSING_VALUE:
+            raise ConfigError(f"{key}.name is not set: choose one of {', '.join(self.registry.names())}")
+        Name(self.registry)(name, key if isinstance(value, str) else f"{key}.name")
+        self.registry.check_options(name, items, ignore=self.ignore, given=self.given)
+        return items
+
+
+class Sub(Check):
+    """A nested config group, parsed by its `Group` class with the dotted key as prefix. `cross=False` leaves out
+    the checks across keys (`Group.validate`), for a group that may go unused (the stage calls it when it is used)."""
+
+    def __init__(self, group: type[Group], *, cross: bool = True):
+        self.group, self.cross = group, cross
+
+    def __call__(self, value: Any, key: str, hint: str = "") -> Any:
+        return self.group.parse(value, key, cross=self.cross)
+
+
 # ------------------------------------------------------------------------------------------------ groups
 def key(check: Check, default: Any = dataclasses.MISSING, *, hint: str = "") -> Any:
     """A field of a `Group`: its check, its default (none: the key is required) and a hint for the error line."""
@@ -223,7 +282,7 @@ class Group:
     PREFIX: ClassVar[str] = ""  # the group's config key, e.g. "data"; "" for top-level keys
 
     @classmethod
-    def parse(cls: type[G], cfg: Any, prefix: str | None = None, *, extra: Iterable[str] = ()) -> G:
+    def parse(cls: type[G], cfg: Any, prefix: str | None = None, *, extra: Iterable[str] = (), cross: bool = True) -> G:
         """Check a mapping (DictConfig, dict) against the fields: unknown keys, missing required keys, each value.
         `extra` names keys that belong to the config but are checked elsewhere (they are skipped here).
         A group instance passes through unchanged."""
@@ -253,11 +312,17 @@ class Group:
             check = f.metadata.get("check")
             values[name] = check(value, dotted, f.metadata.get("hint", "")) if check is not None else value
         out = cls(**values)
-        out.validate()
+        object.__setattr__(out, "_prefix", prefix)  # for messages of `validate`: the keys as the user wrote them
+        if cross:
+            out.validate()
         return out
 
     def validate(self) -> None:
-        """Checks across keys (override; raise ConfigError)."""
+        """Checks across keys (override; raise ConfigError naming keys with `self.dotted(name)`)."""
+
+    def dotted(self, name: str) -> str:
+        """`name` as a config key: with the prefix this group was parsed under (`model.dim`, or `dim` for a ViT)."""
+        return _dotted(getattr(self, "_prefix", self.PREFIX), name)
 
     def replace(self: G, **changes: Any) -> G:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]

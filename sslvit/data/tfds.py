@@ -35,8 +35,10 @@ def network_problem(timeout: float = 3.0) -> str | None:
 
 
 def _tfds():
-    from sslvit.data._tf import tf  # noqa: F401, PLC0415  (quiet TF, off the GPU, before tfds imports it)
-    import tensorflow_datasets as tfds  # noqa: PLC0415
+    from sslvit.data._tf import quiet_native_stderr  # noqa: PLC0415  (quiet TF, off the GPU, before tfds imports it)
+
+    with quiet_native_stderr():
+        import tensorflow_datasets as tfds  # noqa: PLC0415
 
     return tfds
 

@@ -34,8 +34,6 @@ from sslvit.models.stems import get_stem
 
 Dtype = Any
 LN_EPS = 1e-6
-POOLS = ("cls", "mean")
-POS_EMBEDDINGS = ("learned", "sincos")
 
 
 # Axis of the branch (P) in each per-layer parameter of ParallelAttention / ParallelMLP (0 unless listed): the input
@@ -316,41 +314,15 @@ class ViT(nn.Module):
         super().__post_init__()
 
     def validate(self) -> None:
-        """Raise ConfigError naming the offending argument; called at construction, before any compute."""
-        ih, iw = _pair(self.image_size)
-        p = self.patch_size
-        if not isinstance(p, int) or p < 1:
-            raise ConfigError(f"patch_size={p!r} must be a positive integer")
-        if ih < 1 or iw < 1 or ih % p or iw % p:
-            raise ConfigError(f"image_size={self.image_size} is not divisible by patch_size={p}: "
-                              f"choose an image size that is a multiple of the patch size")
-        for name in ("dim", "depth", "heads", "mlp_dim", "channels"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or v < 1:
-                raise ConfigError(f"{name}={v!r} must be a positive integer")
-        if self.dim_head is None and self.dim % self.heads:
-            raise ConfigError(f"dim={self.dim} is not divisible by heads={self.heads}: "
-                              f"choose heads dividing dim, or set dim_head")
-        if self.dim_head is not None and self.dim_head < 1:
-            raise ConfigError(f"dim_head={self.dim_head} must be a positive integer")
-        if not isinstance(self.num_parallel_branches, (int, np.integer)) or self.num_parallel_branches < 1:
-            raise ConfigError(f"num_parallel_branches={self.num_parallel_branches!r} must be >= 1 "
-                              f"(1 = sequential ViT, 2 = the paper's parallel ViT)")
-        if self.num_classes < 0:
-            raise ConfigError(f"num_classes={self.num_classes} must be >= 0 (0 = no head)")
-        if self.pool not in POOLS:
-            raise ConfigError(f"pool={self.pool!r} is not supported: choose one of {list(POOLS)}")
-        if self.pos_embedding not in POS_EMBEDDINGS:
-            raise ConfigError(f"pos_embedding={self.pos_embedding!r}: choose one of {list(POS_EMBEDDINGS)}")
-        for name in ("dropout", "emb_dropout", "drop_path"):
-            v = getattr(self, name)
-            if not 0.0 <= v < 1.0:
-                raise ConfigError(f"{name}={v} must be in [0, 1)")
-        if not isinstance(self.unroll_layers, (bool, np.bool_)):
-            raise ConfigError(f"unroll_layers={self.unroll_layers!r} must be true or false")
-        if self.layer_scale_init is not None and not self.layer_scale_init > 0:
-            raise ConfigError(f"layer_scale_init={self.layer_scale_init} must be > 0 (or null for no LayerScale)")
-        get_stem(self.stem).validate(self.dim, p, self.stem_norm)
+        """Raise ConfigError naming the offending argument; called at construction, before any compute. The
+        arguments are checked by the `model` config group's schema (sslvit/config/groups.py), the stem by its own."""
+        from sslvit.config.checks import Integer  # noqa: PLC0415
+        from sslvit.config.groups import ModelConfig  # noqa: PLC0415
+
+        fields = {f: getattr(self, f) for f in ModelConfig.__dataclass_fields__ if f != "dtype"}
+        ModelConfig.parse(fields, prefix="")
+        Integer(min=0)(self.num_classes, "num_classes", "(0 = no head)")
+        get_stem(self.stem).validate(self.dim, self.patch_size, self.stem_norm)
 
     @property
     def grid_size(self) -> tuple[int, int]:

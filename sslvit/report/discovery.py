@@ -20,13 +20,12 @@ from typing import Any
 
 from sslvit.errors import ConfigError
 from sslvit.registry import Registry
+from sslvit.rundir import CHECKPOINT_SUBDIR, HYDRA_SUBDIR, METRICS_FILE, RESULTS_FILE, TB_DIR
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "results.json"
-METRICS_FILE = "metrics.jsonl"  # sslvit.metrics.METRICS_FILE (not imported: it pulls in JAX)
-HYDRA_CONFIG = Path(".hydra") / "config.yaml"
-SKIP_DIRS = {".hydra", "checkpoints", "tb", "__pycache__"}  # never hold run dirs; checkpoints can be huge
+HYDRA_CONFIG = Path(HYDRA_SUBDIR) / "config.yaml"
+SKIP_DIRS = {HYDRA_SUBDIR, CHECKPOINT_SUBDIR, TB_DIR, "__pycache__"}  # never hold run dirs; checkpoints can be huge
 
 # Keys that never explain a difference in results (paths, logging, resume bookkeeping).
 IGNORED_KEYS = {"progress", "resume", "run", "data.data_dir", "log_every", "ckpt_every", "keep_checkpoints",
@@ -35,7 +34,7 @@ IGNORED_PREFIXES = ("distributed.",)  # process/launcher setup: results do not d
 # Option columns come first in this order (the ablations of the paper), then alphabetically, seed keys last.
 KEY_PRIORITY = ("stem.name", "stem.norm", "model.num_parallel_branches", "model.depth", "model.dim",
                 "target.name", "mask.name", "mask_ratio", "pretrain.target.name", "pretrain.mask.name",
-                "pretrain.mask_ratio", "init", "random_init", "finetune.mode", "finetune.image_size")
+                "pretrain.mask_ratio", "init", "random_init", "finetune.mode.name", "finetune.image_size")
 SOURCE_PREFIXES = ("pretrain.", "source.")  # options of the run a probe / fine-tune started from
 
 
@@ -147,7 +146,7 @@ def load_config(run_dir: Path, results: Mapping | None = None) -> dict:
             return OmegaConf.to_container(cfg, resolve=False)
     if results and isinstance(results.get("config"), Mapping):
         return dict(results["config"])
-    if (run_dir / "checkpoints").is_dir():
+    if (run_dir / CHECKPOINT_SUBDIR).is_dir():
         try:
             from sslvit.checkpoint import load_meta  # noqa: PLC0415  (orbax/JAX only on this fallback)
 
@@ -160,14 +159,19 @@ def load_config(run_dir: Path, results: Mapping | None = None) -> dict:
     return {}
 
 
-def _model_view(model_cfg: Mapping) -> dict[str, Any]:
-    """A saved `model_config` dict in the pretraining config's names: model.<key>, stem.name, stem.norm."""
-    out = {f"model.{k}": _hashable(v) for k, v in model_cfg.items() if k not in ("stem", "stem_norm")}
-    if "stem" in model_cfg:
-        out["stem.name"] = model_cfg["stem"]
-    if "stem_norm" in model_cfg:
-        out["stem.norm"] = model_cfg["stem_norm"]
-    return out
+def _encoder_view(results: Mapping) -> dict[str, Any] | None:
+    """The encoder a probe or fine-tune used, as flattened `model.*` and `stem.*` keys: its saved description
+    (`results['encoder']`: the model and stem groups). Results written before that description existed carry the
+    ViT's flat arguments in `results['model']` (the stem as `stem` and `stem_norm`)."""
+    enc = results.get("encoder")
+    if isinstance(enc, Mapping):
+        return flatten({"model": enc.get("model", {}), "stem": enc.get("stem", {})})
+    flat = results.get("model")
+    if isinstance(flat, Mapping):
+        model = {k: v for k, v in flat.items() if k not in ("stem", "stem_norm")}
+        stem = {"name": flat.get("stem"), "norm": flat.get("stem_norm")}
+        return flatten({"model": model, "stem": {k: v for k, v in stem.items() if v is not None}})
+    return None
 
 
 def _source_run(stage: str, results: Mapping) -> str | None:
@@ -182,19 +186,28 @@ def describe(stage: str, config: Mapping, results: Mapping, source_config: Mappi
              source_prefix: str = "pretrain.") -> dict[str, Any]:
     """The flattened option view of one run (see the module docstring). The source run's options get
     `source_prefix` ('pretrain.'; 'source.' when a probe or fine-tune starts from a fine-tuned run)."""
-    flat = flatten(config)
+    flat = _flat_config(config)
     if stage == "pretrain":
         return flat
-    model_cfg = results.get("model")
-    if isinstance(model_cfg, Mapping):  # the encoder actually used beats the config's model/stem defaults
+    encoder = _encoder_view(results)
+    if encoder is not None:  # the encoder actually used beats the config's model/stem defaults
         flat = {k: v for k, v in flat.items() if not k.startswith(("model.", "stem."))}
-        flat.update(_model_view(model_cfg))
+        flat.update(encoder)
     if stage == "finetune":  # the baseline of every fine-tune comparison: from scratch or from a trained encoder
         flat["init"] = "pretrained" if results.get("source_run") else "scratch"
     if source_config:
-        for k, v in flatten(source_config).items():
+        for k, v in _flat_config(source_config).items():
             if not k.startswith(("model.", "stem.")):  # already described by the encoder's own view
                 flat[f"{source_prefix}{k}"] = v
+    return flat
+
+
+def _flat_config(config: Mapping) -> dict[str, Any]:
+    """`flatten`, with one spelling per option: `finetune.mode=attn_only` (a bare mode name) is the mode group's
+    `finetune.mode.name`."""
+    flat = flatten(config)
+    if isinstance(flat.get("finetune.mode"), str):
+        flat["finetune.mode.name"] = flat.pop("finetune.mode")
     return flat
 
 
