@@ -191,12 +191,21 @@ class Finetuning:
             raise ConfigError(f"eval_batches={eval_batches!r} must be an integer >= 0, or null for the whole split")
         self.eval_batches = eval_batches
 
-        if _is_missing(cfg, "run"):
-            raise ConfigError("run is not set: pass run=<a pretraining run dir> (the dir pretrain.py printed), or "
-                              "run=null to train from scratch")
+        init = cfg.get("init")  # an external (timm / DeiT) checkpoint, described by the model and stem groups
+        if _is_missing(cfg, "run") and init is None:
+            raise ConfigError("run is not set: pass run=<a pretraining run dir> (the dir pretrain.py printed), "
+                              "init=<a timm or DeiT .safetensors/.pth file>, or run=null to train from scratch")
         self.trained: Optional[TrainedEncoder] = None
         requested = model_config(cfg) if "model" in cfg and "stem" in cfg else {}
-        if cfg.get("run") is not None:
+        if init is not None:
+            if cfg.get("run") is not None:
+                raise ConfigError(f"run={cfg.get('run')} and init={init} are both set: start from a run or from a "
+                                  f"file (drop one)")
+            from sslvit.interop import load_init  # noqa: PLC0415
+
+            self.trained = load_init(init, requested, image_size=self.ft.image_size)
+            base = self.trained.model_cfg
+        elif cfg.get("run") is not None:
             self.trained = load_encoder(cfg["run"], cfg.get("step"))
             base = resolve_model_config(self.trained.model_cfg, requested, touched_model_keys(overrides),
                                         cfg["run"])

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from sslvit import data as data_lib
-from sslvit.config import build_vit, check_batch_size, to_dict
+from sslvit.config import build_vit, check_batch_size, model_config, to_dict
 from sslvit.errors import ConfigError
 from sslvit.pretrained import load_batch_stats, load_encoder, load_into
 from sslvit.train import batch_sharding, make_mesh, replicated, to_global
@@ -300,7 +300,19 @@ class LinearProbe:
             raise ConfigError(f"random_init={self.random_init!r} must be true or false")
         self.data_cfg = data_lib.DataConfig.from_cfg(cfg["data"])
         # Loading the checkpoint (its params only) comes last: it is the slow part of validation.
-        self.trained = load_encoder(cfg.get("run"), cfg.get("step"))
+        init = cfg.get("init")  # an external (timm / DeiT) checkpoint, described by the model and stem groups
+        if init is not None:
+            if cfg.get("run") is not None:
+                raise ConfigError(f"run={cfg.get('run')} and init={init} are both set: probe a run or a file "
+                                  f"(drop one)")
+            from sslvit.interop import load_init  # noqa: PLC0415
+
+            self.trained = load_init(init, model_config(cfg) if "model" in cfg and "stem" in cfg else None)
+        else:
+            if "model" in cfg or "stem" in cfg:
+                raise ConfigError("model/stem options describe an init=<file>; with run= the run's saved config "
+                                  "rebuilds the encoder: drop them")
+            self.trained = load_encoder(cfg.get("run"), cfg.get("step"))
         self.model_cfg = self.trained.model_cfg
         self.model = build_vit(self.model_cfg, num_classes=0)
         self.layers = resolve_layers(_plain(cfg.get("layers")), self.model.depth)
