@@ -35,10 +35,13 @@ What maps to what (torch Linear weights are (out, in); flax kernels (in, out); c
   are carried (`num_batches_tracked` is written as 0: only torch's momentum=None mode reads it).
 - **DeiT's own key names** (models_v2.py: `gamma_1`, `norm11`, `attn1`, ...) are read as timm's.
 - **Resolution.** When the file's grid differs from the model's, the position embeddings are resized by
-  `resize_pos_embedding_timm`: PyTorch's bicubic `interpolate` reimplemented in numpy, by default with
-  `antialias=True` as timm's `resample_abs_pos_embed` (what timm does when it loads weights at another
-  `img_size`); `antialias=False` is `F.interpolate`'s default (a = -0.75, clamped borders). `jax.image.resize`,
-  used by `resize_pos_embedding` for sslvit's own runs, is neither.
+  `resize_pos_embedding_timm`, PyTorch's bicubic `interpolate` (`align_corners=False`) reimplemented in numpy. By
+  default without antialiasing (a = -0.75, clamped borders): `F.interpolate`'s default, which the DeiT, MAE and BEiT
+  fine-tuning scripts and `timm.layers.resample_abs_pos_embed(..., antialias=False)` use. `antialias=True` is the
+  default of timm's own loader since 0.9 (`create_model(..., img_size=...)`, `checkpoint_filter_fn`): a = -0.5, the
+  kernel stretched when down-sampling, and the same values as `jax.image.resize`, which sslvit's own
+  `resize_pos_embedding` uses (measured equal to 5e-6; the plain kernel differs from both by up to ~9% of the
+  largest value up-sampling, ~37% down-sampling).
 - **Refused, one line each** (no timm counterpart, or another model): `stem=conv`, an hMLP stem with LayerNorm,
   `dim_head` other than dim / heads; files with `fc_norm`,
   `dist_token`, register tokens, `norm_pre`, qk-norm, attention pooling, or keys of unknown meaning; a file's
@@ -174,8 +177,8 @@ def bicubic_matrix(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
     """(n_out, n_in) weights of PyTorch's 1-D bicubic resampling with `align_corners=False` (float64).
 
     antialias=False (`F.interpolate`'s default): 4 taps at src = (i + 0.5)·in/out - 0.5, a = -0.75, indices clamped
-    to the border. antialias=True (timm's `resample_abs_pos_embed` default; PIL's filter): a = -0.5, the kernel
-    stretched by in/out when down-sampling, taps inside the input only, weights normalised to sum 1."""
+    to the border. antialias=True (the default of timm's `resample_abs_pos_embed`; PIL's filter): a = -0.5, the
+    kernel stretched by in/out when down-sampling, taps inside the input only, weights normalised to sum 1."""
     scale = n_in / n_out
     w = np.zeros((n_out, n_in))
     if not antialias:
@@ -197,7 +200,7 @@ def bicubic_matrix(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
 
 
 def resize_pos_embedding_timm(posemb, new_grid: Sequence[int], old_grid: Optional[Sequence[int]] = None,
-                              num_extra_tokens: int = 0, antialias: bool = True) -> np.ndarray:
+                              num_extra_tokens: int = 0, antialias: bool = False) -> np.ndarray:
     """Position embeddings (1, extra + gh·gw, D) resized to `new_grid` exactly as timm does it (numpy).
 
     The same values as `timm.layers.resample_abs_pos_embed(posemb, new_grid, old_grid, num_extra_tokens,
@@ -337,7 +340,7 @@ class _Reader:
                               f"({', '.join(rest[:3])}{', ...' if len(rest) > 3 else ''}): it is not a {self.desc}")
 
 
-def timm_to_variables(state_dict: Mapping[str, Any], model, *, antialias: bool = True,
+def timm_to_variables(state_dict: Mapping[str, Any], model, *, antialias: bool = False,
                       where: str = "the state dict") -> dict:
     """sslvit variables ({'params', 'batch_stats'}) of the built `ViT` `model` from a timm or DeiT state dict.
 
@@ -634,7 +637,7 @@ def timm_snippet(model, path: str | os.PathLike) -> str:
     lines = imports + head + ["", ""] + _wrap("model = VisionTransformer(", args, ")")
     size = kw["img_size"] if isinstance(kw["img_size"], list) else [kw["img_size"]] * 2
     lines += [f"model.load_state_dict(load_file({os.fspath(path)!r}))",
-              "model.eval()  # inference: BatchNorm running statistics, no dropout",
+              "model.eval()  # inference: no dropout" + (", BatchNorm running statistics" if a.stem == "hmlp" else ""),
               f"x = torch.randn(2, {a.C}, {size[0]}, {size[1]})  # NCHW",
               f"out = model(x)  # {'logits' if a.classes else 'pooled features'}: (2, {a.classes or a.D})"]
     return "\n".join(lines) + "\n"
@@ -648,18 +651,18 @@ def _wrap(opening: str, args: list[str], closing: str, width: int = 110) -> list
             lines.append(line.rstrip())
             line = "    "
         line += piece + " "
-    lines.append(line.rstrip())
-    lines.append(closing)
+    lines.append(line.rstrip() + closing)
     return lines
 
 
 # ------------------------------------------------------------------------------------------ the stages' side
 def load_init(path: str | os.PathLike, model_cfg: Optional[Mapping], *, image_size: Any = None,
-              antialias: bool = True):
+              antialias: bool = False):
     """An external checkpoint (`init=<file>`) as the `TrainedEncoder` the fine-tune and probe stages start from.
 
     `model_cfg` (the `model` and `stem` groups, `sslvit.config.model_config`) says which architecture the file
-    holds; `image_size` (default: the config's) is where the position embeddings are resized to (timm's bicubic)."""
+    holds; `image_size` (default: the config's) is where the position embeddings are resized to
+    (`resize_pos_embedding_timm`, `antialias` as there)."""
     from sslvit.config import build_vit  # noqa: PLC0415
     from sslvit.pretrained import TrainedEncoder  # noqa: PLC0415
 

@@ -180,8 +180,19 @@ def test_bicubic_resize_equals_pytorch_and_timm(antialias):
         direct = F.interpolate(grid, size=new, mode="bicubic", align_corners=False, antialias=antialias)
         assert_same(out[:, 1:], direct.permute(0, 2, 3, 1).reshape(1, -1, 16).numpy())
         np.testing.assert_array_equal(out[:, :1], pe[:, :1])
-    # The two kernels differ (timm's loader antialiases), and neither is jax.image.resize's.
+    # The two kernels differ; the antialiased one (timm's loader) is jax.image.resize's, which sslvit's own
+    # resize_pos_embedding uses.
     assert not np.allclose(bicubic_matrix(8, 12, True), bicubic_matrix(8, 12, False), atol=1e-3)
+    from sslvit.models import resize_pos_embedding  # noqa: PLC0415
+
+    pe = rng.normal(size=(1, 64, 16)).astype(np.float32)
+    for new in ((12, 12), (3, 5)):
+        jax_resized = np.asarray(resize_pos_embedding(pe, new, (8, 8)))
+        torch_like = resize_pos_embedding_timm(pe, new, (8, 8), antialias=antialias)
+        if antialias:
+            assert_same(jax_resized, torch_like)
+        else:
+            assert np.abs(jax_resized - torch_like).max() > 0.05 * np.abs(pe).max()
 
 
 # ------------------------------------------------------------------------------------------ equivalence
