@@ -240,7 +240,7 @@ def test_missing_dataset_fails_fast_and_clearly(tmp_path):
 
 
 def test_missing_dataset_with_download_allowed_fails_fast_offline(tmp_path):
-    if data._network_problem() is None:
+    if data.network_problem() is None:
         pytest.skip("this machine reaches the internet: tfds would really download CIFAR-10")
     start = time.monotonic()
     with pytest.raises(ConfigError, match=r"could not be downloaded \(no network"):
@@ -256,13 +256,13 @@ def test_unknown_tfds_name():
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        ({"on_corrupt": "ignore"}, "data.on_corrupt='ignore' is not one of error, skip"),
+        ({"on_corrupt": "ignore"}, "data.on_corrupt='ignore' must be one of error, skip"),
         ({"crop_scale": [0.8, 0.2]}, r"data.crop_scale=\[0.8, 0.2\] must satisfy"),
         ({"mean": [125.3, 123.0, 113.9]}, "data.mean=.* in \\[0, 1\\] pixel units"),
         ({"std": [0.2, 0.2]}, "data.std=.* list of 3 numbers"),
         ({"shuffle_buffer": 0}, "data.shuffle_buffer=0 must be an integer >= 1"),
-        ({"eval_crop_pct": 1.5}, r"data.eval_crop_pct=1.5 must be in \(0, 1\]"),
-        ({"shufle_buffer": 10}, "data.shufle_buffer is not a data config key"),
+        ({"eval_crop_pct": 1.5}, r"data.eval_crop_pct=1.5 must be a number in \(0, 1\]"),
+        ({"shufle_buffer": 10}, "data.shufle_buffer is not a key of data"),
     ],
 )
 def test_bad_config_values_rejected_in_one_line(overrides, match):
@@ -272,10 +272,15 @@ def test_bad_config_values_rejected_in_one_line(overrides, match):
     assert "\n" not in str(err.value)
 
 
-def test_all_data_configs_parse():
+def test_all_data_configs_parse(tmp_path):
     for name in ("cifar10", "imagenet2012", "folder"):
-        dc = data.DataConfig.from_cfg(OmegaConf.load(CONF / f"{name}.yaml"))
-        assert dc.name == name
+        cfg = OmegaConf.load(CONF / f"{name}.yaml")
+        if name == "folder":
+            with pytest.raises(ConfigError, match=r"data.path is not set: pass data.path=\.\.\. \(the folder"):
+                data.DataConfig.from_cfg(cfg)
+            cfg.path = str(tmp_path)
+        dc = data.DataConfig.from_cfg(cfg)
+        assert dc.name == name and dc.source_name == ("folder" if name == "folder" else "tfds")
     with pytest.raises(ConfigError, match="crop_scale"):
         next(data.make_train_iterator(cifar_cfg(), batch_size=8, image_size=32, seed=0, crop_scale=(0, 1), **ONE))
 
