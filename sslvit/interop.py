@@ -9,17 +9,17 @@
 - `load_init(path, model_cfg)`: a file as the `TrainedEncoder` the fine-tune and probe stages start from
   (`init=<file>`); `export_run(run)`: a run's encoder as a `.safetensors` file (`export_timm.py`).
 
-What maps to what (torch Linear weights are (out, in); flax kernels (in, out); convolutions OIHW vs HWIO):
+What maps to what (torch Linear weights are (out, in), flax kernels (in, out); convolutions OIHW vs HWIO):
 
-| timm / DeiT | sslvit |
-| --- | --- |
-| `patch_embed.proj.{weight,bias}` | `stem/proj/{kernel,bias}` (stem=linear) |
-| `patch_embed.proj.{3i}` Conv2d, `.{3i+1}` BatchNorm2d, `.{3i+2}` GELU | `stem/conv{i}`, `stem/norm{i}`, `batch_stats/stem/norm{i}/{mean,var}` (stem=hmlp) |
-| `cls_token` + `pos_embed[:, 0]` | `cls_token` (see below) |
-| `pos_embed[:, 1:]` | `pos_embedding` |
-| `blocks.i.attns.p.{norm, attn.qkv, attn.proj, ls.gamma}` (`ParallelThingsBlock`) or `blocks.i.{norm1, attn, ls1}` (`Block`, P = 1) | `layers/attn/{norm_*, qkv_*, out_*, layer_scale}[i, p]` |
-| `blocks.i.ffns.p.{norm, mlp.fc1, mlp.fc2, ls.gamma}` or `blocks.i.{norm2, mlp, ls2}` | `layers/mlp/{norm_*, fc1_*, fc2_*, layer_scale}[i, p]` |
-| `norm`, `head` (`fc_norm` identity) | `norm`, `head` |
+- `patch_embed.proj.{weight,bias}` <-> `stem/proj/{kernel,bias}` (stem=linear); for stem=hmlp, `patch_embed.proj.{3i}`
+  (Conv2d), `.{3i+1}` (BatchNorm2d), `.{3i+2}` (GELU) <-> `stem/conv{i}`, `stem/norm{i}` and
+  `batch_stats/stem/norm{i}/{mean,var}`;
+- `cls_token` + `pos_embed[:, 0]` <-> `cls_token`, `pos_embed[:, 1:]` <-> `pos_embedding` (see below);
+- `blocks.i.attns.p.{norm, attn.qkv, attn.proj, ls.gamma}` (`ParallelThingsBlock`), or `blocks.i.{norm1, attn, ls1}`
+  (`Block`, P = 1) <-> `layers/attn/{norm_*, qkv_*, out_*, layer_scale}[i, p]`;
+- `blocks.i.ffns.p.{norm, mlp.fc1, mlp.fc2, ls.gamma}`, or `blocks.i.{norm2, mlp, ls2}` <->
+  `layers/mlp/{norm_*, fc1_*, fc2_*, layer_scale}[i, p]`;
+- `norm`, `head` <-> `norm`, `head` (timm's `fc_norm` is the identity).
 
 - **The class token's position slot.** timm adds `pos_embed` (1, 1 + N, D) to the class token too; sslvit, like
   the official 3-things code (and timm's `no_embed_class=True`, DeiT III), adds position embeddings to the N patch
@@ -126,8 +126,15 @@ def _load_torch(p: Path) -> dict[str, np.ndarray]:
     except ImportError:
         raise ConfigError(f"reading {p.name} needs torch: {TORCH_EXTRA} (or save the state dict as .safetensors "
                           f"with safetensors.torch.save_file)") from None
+    # weights_only: no arbitrary code from the pickle. Training checkpoints (DeiT's, MAE's) also hold the run's
+    # argparse.Namespace, a plain attribute bag: allowed.
+    import argparse  # noqa: PLC0415
+    import contextlib  # noqa: PLC0415
+
+    safe = getattr(torch.serialization, "safe_globals", None)
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with safe([argparse.Namespace]) if safe else contextlib.nullcontext():
+            obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"cannot read {p} with torch.load ({_first_line(e)})") from None
     for key in ("model", "state_dict", "model_state", "module"):  # training checkpoints wrap the weights

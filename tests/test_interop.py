@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 
 from sslvit.errors import ConfigError
-from sslvit.interop import (bicubic_matrix, canonical_keys, export_run, load_init, load_state_dict,
-                            resize_pos_embedding_timm, save_safetensors, timm_kwargs, timm_snippet, timm_to_variables,
-                            variables_to_timm)
+from sslvit.interop import (bicubic_matrix, canonical_keys, export_run, load_state_dict, resize_pos_embedding_timm,
+                            save_safetensors, timm_kwargs, timm_snippet, timm_to_variables, variables_to_timm)
 from sslvit.models import ViT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,34 +129,30 @@ def load_torch(tm, tensors):
     return tm
 
 
-class DeiTHMLPStem:
+def deit_hmlp_stem(img_size, patch_size, in_chans, embed_dim, **_):
     """A PyTorch module written to DeiT's `hMLP_stem` definition (models_v2.py): `proj = Sequential(Conv2d(C, D/4,
     4, 4), BN, GELU, Conv2d(D/4, D/4, 2, 2), BN, GELU, Conv2d(D/4, D, 2, 2), BN)` for patch 16; for patch 4 the
     stages 2·2 (`Conv2d(C, D/4, 2, 2), BN, GELU, Conv2d(D/4, D, 2, 2), BN`). Plugged into timm as `embed_layer`."""
+    from torch import nn  # noqa: PLC0415
 
-    @staticmethod
-    def build(img_size, patch_size, in_chans, embed_dim, **_):
-        import torch  # noqa: PLC0415
-        from torch import nn  # noqa: PLC0415
+    class Stem(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_patches = (img_size // patch_size) ** 2
+            d, q = embed_dim, embed_dim // 4
+            if patch_size == 16:
+                self.proj = nn.Sequential(nn.Conv2d(in_chans, q, 4, 4), nn.BatchNorm2d(q), nn.GELU(),
+                                          nn.Conv2d(q, q, 2, 2), nn.BatchNorm2d(q), nn.GELU(),
+                                          nn.Conv2d(q, d, 2, 2), nn.BatchNorm2d(d))
+            else:
+                assert patch_size == 4
+                self.proj = nn.Sequential(nn.Conv2d(in_chans, q, 2, 2), nn.BatchNorm2d(q), nn.GELU(),
+                                          nn.Conv2d(q, d, 2, 2), nn.BatchNorm2d(d))
 
-        class Stem(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.num_patches = (img_size // patch_size) ** 2
-                d, q = embed_dim, embed_dim // 4
-                if patch_size == 16:
-                    self.proj = nn.Sequential(nn.Conv2d(in_chans, q, 4, 4), nn.BatchNorm2d(q), nn.GELU(),
-                                              nn.Conv2d(q, q, 2, 2), nn.BatchNorm2d(q), nn.GELU(),
-                                              nn.Conv2d(q, d, 2, 2), nn.BatchNorm2d(d))
-                else:
-                    assert patch_size == 4
-                    self.proj = nn.Sequential(nn.Conv2d(in_chans, q, 2, 2), nn.BatchNorm2d(q), nn.GELU(),
-                                              nn.Conv2d(q, d, 2, 2), nn.BatchNorm2d(d))
+        def forward(self, x):
+            return self.proj(x).flatten(2).transpose(1, 2)
 
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return self.proj(x).flatten(2).transpose(1, 2)
-
-        return Stem()
+    return Stem()
 
 
 # ------------------------------------------------------------------------------------------ resizing
@@ -264,7 +259,7 @@ def test_hmlp_stem_equals_deit_hmlp_stem(patch, size):
     """sslvit's hMLP stem with BatchNorm (eval: running statistics) against DeiT's hMLP_stem definition inside
     timm's ViT: patch 16 = DeiT's module exactly (4·2·2), patch 4 its CIFAR form (2·2). Both directions."""
     needs_timm()
-    make = partial(timm_model, 2, 0.1, patch=patch, size=size, embed_layer=DeiTHMLPStem.build)
+    make = partial(timm_model, 2, 0.1, patch=patch, size=size, embed_layer=deit_hmlp_stem)
     tm = randomize_torch(make(), seed=patch)
     model = sslvit_model(2, 0.1, stem="hmlp", patch=patch, size=size)
     sd = state_dict(tm)
@@ -346,9 +341,12 @@ def test_safetensors_round_trip_and_pth(tmp_path, monkeypatch):
         pytest.importorskip("torch")
     import torch  # noqa: PLC0415
 
-    # A DeiT-style training checkpoint: {'model': state dict} with DDP's 'module.' prefix, half precision.
+    # A DeiT-style training checkpoint: {'model': state dict, 'args': Namespace, ...} with DDP's 'module.' prefix,
+    # half precision.
+    import argparse  # noqa: PLC0415
+
     ckpt = {"model": {"module." + k: torch.from_numpy(v).half() if v.dtype == np.float32 else torch.from_numpy(v)
-                      for k, v in tensors.items()}, "epoch": 3}
+                      for k, v in tensors.items()}, "epoch": 3, "args": argparse.Namespace(lr=1e-3)}
     torch.save(ckpt, tmp_path / "deit.pth")
     pth = load_state_dict(tmp_path / "deit.pth")
     assert pth.keys() == tensors.keys() and pth["pos_embed"].dtype == np.float32
@@ -439,9 +437,10 @@ def test_finetune_and_probe_start_from_a_timm_file(tfds_cifar10, hydra_compose, 
     from sslvit.probe import LinearProbe  # noqa: PLC0415
 
     path = _timm_file(tmp_path)
-    # The model group describes the file; the position embeddings go from its 4x4 grid to 32 px (8x8) timm's way.
-    overrides = [f"init={path}", *TINY_MODEL, "data.train_split='train[:64]'", "data.test_split='test[:32]'",
-                 "batch_size=32", "steps=2", "log_every=1", "ckpt_every=2", "optim.warmup_steps=1", "progress=false"]
+    # The model group describes the file; its 4x4 grid of position embeddings is resized to 32 px (8x8).
+    overrides = [f"init={path}", *TINY_MODEL, "data.train_split='train[:64]'",
+                 "batch_size=32", "steps=2", "log_every=1", "ckpt_every=2", "optim.warmup_steps=1", "progress=false",
+                 "eval_batches=0"]
     cfg = hydra_compose("finetune", overrides)
     ft = Finetuning(cfg, tmp_path / "ft", overrides)
     expected = timm_to_variables(load_state_dict(path), build_vit(model_config(cfg), num_classes=1000))["params"]
@@ -450,11 +449,20 @@ def test_finetune_and_probe_start_from_a_timm_file(tfds_cifar10, hydra_compose, 
     assert expected["pos_embedding"].shape == (1, 64, DIM)  # the file's 4x4 grid, resized to 8x8
     results = ft.run()
     assert results["source_run"] == str(path) and np.isfinite(results["train_loss"])
-    assert results["test_examples"] == 32 and results["num_classes"] == 10
+    assert results["num_classes"] == 10 and results["steps"] == 2
+
+    # The linear probe of the same file (a headless encoder: the file's head is left out).
+    probe = LinearProbe(hydra_compose("linear_probe", [
+        f"init={path}", *TINY_MODEL, "data.train_split='train[:64]'", "data.test_split='test[:32]'", "layers=[-1]",
+        "probe.epochs=1", "probe.batch_size=32", "batch_size=32", "knn.k=3", "progress=false"]), tmp_path / "probe")
+    jax.tree.map(np.testing.assert_array_equal, probe.trained.params, expected)
+    results = probe.run()
+    assert results["layers"] == [2] and results["num_train"] == 64 and 0 <= results["best_top1"] <= 1
+    assert results["run"] == str(path)
 
     # The fine-tuned classifier exported back to timm (its head included) computes the same logits.
     needs_timm()
-    out, kwargs, snippet = export_run(tmp_path / "ft", tmp_path / "clf.safetensors")
+    _, kwargs, snippet = export_run(tmp_path / "ft", tmp_path / "clf.safetensors")
     # ImageNet's 1000-class head was replaced for CIFAR-10's 10 classes.
     assert kwargs["num_classes"] == 10 and "block_fn=partial(ParallelThingsBlock, num_parallel=2)" in snippet
     ns: dict = {}
@@ -465,15 +473,6 @@ def test_finetune_and_probe_start_from_a_timm_file(tfds_cifar10, hydra_compose, 
     clf = build_vit(trained.model_cfg, num_classes=10)
     x = images(size=32)
     assert_same(timm_forward(ns["model"], x)[0], np.asarray(clf.apply({"params": trained.params}, x)))
-
-    # The linear probe of the same file (a headless encoder: the file's head is left out).
-    probe = LinearProbe(hydra_compose("linear_probe", [
-        f"init={path}", *TINY_MODEL, "data.train_split='train[:64]'", "data.test_split='test[:32]'", "layers=[-1]",
-        "probe.epochs=1", "probe.batch_size=32", "batch_size=32", "knn.k=3", "progress=false"]), tmp_path / "probe")
-    jax.tree.map(np.testing.assert_array_equal, probe.trained.params, expected)
-    results = probe.run()
-    assert results["layers"] == [2] and results["num_train"] == 64 and 0 <= results["best_top1"] <= 1
-    assert results["run"] == str(path)
 
 
 @pytest.mark.parametrize("stage, extra, match", [
