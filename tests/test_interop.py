@@ -337,9 +337,7 @@ def test_safetensors_round_trip_and_pth(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="is not a file"):
         load_state_dict(tmp_path / "missing.safetensors")
 
-    if "torch" not in sys.modules:
-        pytest.importorskip("torch")
-    import torch  # noqa: PLC0415
+    torch = pytest.importorskip("torch")  # the .pth part
 
     # A DeiT-style training checkpoint: {'model': state dict, 'args': Namespace, ...} with DDP's 'module.' prefix,
     # half precision.
