@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from sslvit import data as data_lib
+from sslvit.config.checks import MISSING_VALUE
 from sslvit.config.stages import FinetuneConfig
 from sslvit.errors import ConfigError
 from sslvit.evaluators import Top1Evaluator
@@ -57,10 +58,16 @@ class Finetuning(TrainingStage):
         self.data_cfg = c.data
 
         self.trained: Optional[TrainedEncoder] = None
-        if c.run is None:
-            c.model.validate()  # the model group is what trains from scratch (else the run's saved encoder)
+        from_run = c.run not in (None, MISSING_VALUE)
+        if not from_run:
+            c.model.validate()  # the model group is what trains (from scratch, or the init file's architecture)
         requested = {"model": c.model.to_dict(), "stem": dict(c.stem)}
-        if c.run is not None:
+        if c.init is not None:  # an external (timm / DeiT) checkpoint, described by the model and stem groups
+            from sslvit.interop import load_init  # noqa: PLC0415
+
+            self.trained = load_init(c.init, requested, image_size=self.ft.image_size)
+            base = self.trained.encoder
+        elif from_run:
             self.trained = load_encoder(c.run, c.step)
             base = resolve_encoder(self.trained.encoder, requested, touched_keys(overrides, requested), c.run)
         else:

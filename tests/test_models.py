@@ -36,8 +36,13 @@ def _gelu(x):
     return 0.5 * x * (1 + erf(x / np.sqrt(2)))
 
 
-def reference_forward(p, img, patch, heads):
-    """A plain ViT written from the parameters with numpy, one branch after another (float64)."""
+def reference_forward(p, img, patch, heads, masks=None, keep=1.0):
+    """A plain ViT written from the parameters with numpy, one branch after another (float64).
+
+    `masks`: training-mode dropout, per layer in order: the attention branches' output mask (B, N, P, D), the MLP's
+    hidden mask (B, N, P, M) and the MLP branches' output mask (B, N, P, D); kept values are scaled by 1/keep."""
+    masks = iter(masks or ())
+    drop = (lambda: next(masks) / keep) if keep < 1.0 else (lambda: None)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
     img = np.asarray(img, np.float64)
     b, h, w, c = img.shape
@@ -52,6 +57,7 @@ def reference_forward(p, img, patch, heads):
     depth, branches = A["qkv_kernel"].shape[0], A["qkv_kernel"].shape[2]  # (depth, D, P, 3, H, E)
     for l in range(depth):
         upd = 0
+        attn_mask = drop()
         for br in range(branches):
             xn = _ln(x, A["norm_scale"][l, br], A["norm_bias"][l, br])
             qkv = np.einsum("bnd,dthe->bnthe", xn, A["qkv_kernel"][l, :, br]) + A["qkv_bias"][l, br]
@@ -64,15 +70,22 @@ def reference_forward(p, img, patch, heads):
             o = np.einsum("bqhe,hed->bqd", o, A["out_kernel"][l, br]) + A["out_bias"][l, br]
             if "layer_scale" in A:
                 o = o * A["layer_scale"][l, br]
+            if attn_mask is not None:
+                o = o * attn_mask[:, :, br]
             upd = upd + o
         x = x + upd
         upd = 0
+        hidden_mask, mlp_mask = drop(), drop()
         for br in range(branches):
             xn = _ln(x, M["norm_scale"][l, br], M["norm_bias"][l, br])
             hdn = _gelu(xn @ M["fc1_kernel"][l, :, br] + M["fc1_bias"][l, br])
+            if hidden_mask is not None:
+                hdn = hdn * hidden_mask[:, :, br]
             o = hdn @ M["fc2_kernel"][l, br] + M["fc2_bias"][l, br]
             if "layer_scale" in M:
                 o = o * M["layer_scale"][l, br]
+            if mlp_mask is not None:
+                o = o * mlp_mask[:, :, br]
             upd = upd + o
         x = x + upd
         layers_out.append(x)
@@ -109,6 +122,49 @@ def test_fused_layers_match_unfused_reference(branches, layer_scale):
     logits, feats = model.apply({"params": params}, img, return_features=True)
     ref_logits, ref_layers = reference_forward(params, img, patch=4, heads=4)
     assert feats["layers"].shape == (3, 2, 17, 32)
+    np.testing.assert_allclose(np.asarray(feats["layers"]), ref_layers, rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(logits), ref_logits, rtol=2e-4, atol=2e-4)
+
+
+def _dropout_masks(model, variables, img, key):
+    """Train-mode forward of `model` with the keep-masks of every active dropout recorded, in call order (a
+    callback from inside the compiled layer loop: the masks the fused model really drew)."""
+    import flax.linen as nn  # noqa: PLC0415
+
+    masks = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if isinstance(context.module, nn.Dropout) and context.method_name == "__call__" and context.module.rate > 0:
+            jax.debug.callback(lambda y: masks.append(np.asarray(y) != 0), out, ordered=True)
+        return out
+
+    with nn.intercept_methods(interceptor):
+        out = model.apply(variables, img, train=True, return_features=True, rngs={"dropout": key})
+    jax.effects_barrier()
+    return out, masks
+
+
+@pytest.mark.parametrize("branches", [1, 2])
+def test_dropout_in_train_mode_matches_unfused_reference_per_branch(branches):
+    """Dropout acts on each branch's output (and the MLP hidden layer) with its own mask, as timm's and DeiT's
+    parallel blocks do; the fused model in training mode equals the per-branch reference given the same masks."""
+    model = tiny(num_parallel_branches=branches, layer_scale_init=0.1, dropout=0.3)
+    img = images()
+    # Random parameters of the model's shapes, drawn with numpy (no init to compile): scales around 1, the rest
+    # around 0, so the folding of LayerNorm affine terms, biases and LayerScale is exercised.
+    rng = np.random.default_rng(7)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), img)["params"]
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: np.float32("scale" in str(path[-1])) + 0.3 * rng.normal(size=x.shape).astype(np.float32),
+        shapes)
+    (logits, feats), masks = _dropout_masks(model, {"params": params}, img, jax.random.PRNGKey(3))
+    assert [m.shape for m in masks[:3]] == [(2, 17, branches, 32), (2, 17, branches, 64), (2, 17, branches, 32)]
+    assert len(masks) == 3 * 3 and 0.6 < np.mean([m.mean() for m in masks]) < 0.8
+    if branches == 2:  # independent masks per branch
+        assert not np.array_equal(masks[0][:, :, 0], masks[0][:, :, 1])
+        assert not np.array_equal(masks[2][:, :, 0], masks[2][:, :, 1])
+    ref_logits, ref_layers = reference_forward(params, img, patch=4, heads=4, masks=masks, keep=0.7)
     np.testing.assert_allclose(np.asarray(feats["layers"]), ref_layers, rtol=2e-4, atol=2e-4)
     np.testing.assert_allclose(np.asarray(logits), ref_logits, rtol=2e-4, atol=2e-4)
 

@@ -195,6 +195,11 @@ class Optional(Check):
         self.inner, self.none = inner, none
         self.what = f"{inner.what}, or {none}"
 
+    def __call__(self, value: Any, key: str, hint: str = "") -> Any:
+        if value is not None and type(self.inner).__call__ is not Check.__call__:  # a group: parsed by its check
+            return self.inner(value, key, hint)
+        return super().__call__(value, key, hint)
+
     def ok(self, value):
         return value is None or self.inner.ok(value)
 
@@ -266,9 +271,11 @@ class Sub(Check):
 
 
 # ------------------------------------------------------------------------------------------------ groups
-def key(check: Check, default: Any = dataclasses.MISSING, *, hint: str = "") -> Any:
-    """A field of a `Group`: its check, its default (none: the key is required) and a hint for the error line."""
-    kw = {"metadata": {"check": check, "hint": hint}}
+def key(check: Check, default: Any = dataclasses.MISSING, *, hint: str = "", unset_ok: bool = False) -> Any:
+    """A field of a `Group`: its check, its default (none: the key is required) and a hint for the error line.
+    `unset_ok`: Hydra's `???` passes as `MISSING_VALUE` (the group's `validate` decides, e.g. `run` may stay unset
+    when `init` is given)."""
+    kw = {"metadata": {"check": check, "hint": hint, "unset_ok": unset_ok}}
     if isinstance(default, (list, dict, set)):
         kw["default_factory"] = lambda d=default: type(d)(d)
     elif default is not dataclasses.MISSING:
@@ -308,6 +315,9 @@ class Group:
             else:
                 raise _not_set(dotted, f.metadata.get("hint", ""))
             if isinstance(value, str) and value == MISSING_VALUE:
+                if f.metadata.get("unset_ok"):
+                    values[name] = MISSING_VALUE
+                    continue
                 raise _not_set(dotted, f.metadata.get("hint", ""))
             check = f.metadata.get("check")
             values[name] = check(value, dotted, f.metadata.get("hint", "")) if check is not None else value

@@ -5,7 +5,8 @@ Each of `depth` layers holds `num_parallel_branches` (P) attention branches, the
     x = x + Σ_p attn_p(norm_p(x))
     x = x + Σ_p mlp_p(norm'_p(x))
 
-every branch with its own pre-LayerNorm, LayerScale and drop-path mask. P = 1 is the ordinary sequential ViT.
+every branch with its own pre-LayerNorm, LayerScale, drop-path mask and dropout mask (on its output, as timm's and
+DeiT's blocks). P = 1 is the ordinary sequential ViT.
 
 Fusion. The branches are not run as P small matmuls one after another. A LayerNorm's normalisation (mean, var) is
 the same for every branch; only its affine scale/bias differs, and that folds into the next weight matrix:
@@ -69,6 +70,22 @@ def _drop_path_scale(module: nn.Module, rate: float, branches: int, batch: int, 
     return kept.astype(jnp.float32) / keep
 
 
+def _dropped_branch_sum(rate: float, x, w, bias, scale):
+    """Σ_p dropout(branch_p): each branch's output (its projection, bias and LayerScale) dropped with its own mask
+    before the branches are summed, as timm's and DeiT's blocks drop each branch's projection output (`proj_drop`,
+    `Mlp.drop2`); one mask on the sum would be another model. Training with dropout > 0 only: the branch outputs
+    (b, n, P, D) are materialised instead of the fused contraction over (branch, ...).
+
+    x: (b, n, P, ...) branch inputs of the output projection; w: (P, ..., D); bias: (P, D); scale: drop path (P, b).
+    Called from a module's compact __call__: the Dropout becomes its submodule (rng stream 'dropout')."""
+    b, n, p = x.shape[:3]
+    y = jnp.einsum("bnpk,pkd->bnpd", x.reshape(b, n, p, -1), w.reshape(p, -1, w.shape[-1]))
+    y = y + bias.astype(y.dtype)
+    if scale is not None:
+        y = y * scale.T[:, None, :, None].astype(y.dtype)
+    return nn.Dropout(rate, name="branch_dropout")(y, deterministic=False).sum(axis=2)
+
+
 @jax.custom_vjp
 def gelu(x):
     """Exact GELU x·Φ(x), the same values as `jax.nn.gelu(x, approximate=False)`.
@@ -118,6 +135,7 @@ class ParallelAttention(nn.Module):
     layer_scale_init: Optional[float] = None
     qkv_bias: bool = True
     dtype: Dtype = jnp.float32
+    dropout: float = 0.0  # on each branch's output (timm's proj_drop)
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -153,6 +171,8 @@ class ParallelAttention(nn.Module):
         w_out = (out_kernel * gamma[:, None, None, :]).astype(self.dtype)
         bias = gamma * out_bias  # (P, D)
         scale = _drop_path_scale(self, self.drop_path, P, b, train)
+        if train and self.dropout > 0:
+            return _dropped_branch_sum(self.dropout, out, w_out, bias, scale)
         if scale is None:
             return _contract(out, w_out, 3) + bias.sum(0).astype(self.dtype)
         out = out * scale.T[:, None, :, None, None].astype(self.dtype)
@@ -195,6 +215,8 @@ class ParallelMLP(nn.Module):
         w2 = (fc2_kernel * gamma[:, None, :]).astype(self.dtype)
         bias = gamma * fc2_bias
         scale = _drop_path_scale(self, self.drop_path, P, b, train)
+        if train and self.dropout > 0:
+            return _dropped_branch_sum(self.dropout, h, w2, bias, scale)
         if scale is None:
             return _contract(h, w2, 2) + bias.sum(0).astype(self.dtype)
         h = h * scale.T[:, None, :, None].astype(self.dtype)
@@ -219,16 +241,17 @@ class ParallelLayer(nn.Module):
     @nn.compact
     def __call__(self, x, _):
         # The residual stream stays float32; only matmul inputs use `dtype`.
+        # Dropout acts inside each branch (ParallelAttention/ParallelMLP), not on the summed update.
         update = ParallelAttention(
             self.dim, self.heads, self.dim_head, self.branches, self.drop_path, self.layer_scale_init,
-            dtype=self.dtype, name="attn",
+            dtype=self.dtype, dropout=self.dropout, name="attn",
         )(x, self.train)
-        x = x + nn.Dropout(self.dropout)(update, deterministic=not self.train).astype(jnp.float32)
+        x = x + update.astype(jnp.float32)
         update = ParallelMLP(
             self.dim, self.mlp_dim, self.branches, self.dropout, self.drop_path, self.layer_scale_init,
             dtype=self.dtype, name="mlp",
         )(x, self.train)
-        x = x + nn.Dropout(self.dropout)(update, deterministic=not self.train).astype(jnp.float32)
+        x = x + update.astype(jnp.float32)
         return x, (x if self.return_features else None)
 
 

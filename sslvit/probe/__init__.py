@@ -80,7 +80,12 @@ class LinearProbe(Stage):
         self.seed, self.pool, self.random_init = c.seed, c.pool, c.random_init
         self.data_cfg = c.data
         # Loading the checkpoint (its params only) comes last: it is the slow part of validation.
-        self.trained = load_encoder(c.run, c.step)
+        if c.init is not None:  # an external (timm / DeiT) checkpoint, described by the model and stem groups
+            from sslvit.interop import load_init  # noqa: PLC0415
+
+            self.trained = load_init(c.init, {"model": c.model.to_dict(), "stem": dict(c.stem)})
+        else:
+            self.trained = load_encoder(c.run, c.step)
         self.encoder_cfg = self.trained.encoder
         self.model = build_vit(self.encoder_cfg, num_classes=0)
         self.layers = resolve_layers(c.layers, self.model.depth)
