@@ -1,4 +1,4 @@
-"""Reliability (issue 5): kill -9 and resume bit-for-bit, SIGTERM, non-finite steps, bad input, sweeps.
+"""Reliability: kill -9 and resume bit-for-bit, SIGTERM, non-finite steps, bad input, sweeps.
 
 The subprocess tests run `pretrain.py` exactly as a user does, on a micro model (32-d, 1 layer x 2 branches) and
 256 CIFAR-10 images; each process costs ~20 s on 2 cores, nearly all start-up (imports, data, compile).
