@@ -25,7 +25,7 @@ import optax  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from sslvit import masking, optim, targets  # noqa: E402
-from sslvit.config import build_vit  # noqa: E402
+from sslvit.models.build import build_vit, from_flat  # noqa: E402
 from sslvit.flops import train_flops  # noqa: E402
 from sslvit.models.mim import MaskedImageModel  # noqa: E402
 from sslvit.train import TrainState, make_train_step  # noqa: E402
@@ -133,7 +133,7 @@ def pretrain_step(preset: str | dict, batch: int, *, dtype: str = "float32", acc
                   stem: str = "hmlp", **model_overrides) -> Step:
     """The pretraining step as `sslvit.pretraining` builds it: hMLP stem with BatchNorm, block masking at 0.4, the
     k-means target (a random `vocab`-code codebook; tokens assigned on device in the step), AdamW, donated state."""
-    enc = build_vit(model_preset(preset, stem=stem, dtype=dtype, **model_overrides), num_classes=0,
+    enc = build_vit(from_flat(model_preset(preset, stem=stem, dtype=dtype, **model_overrides)), num_classes=0,
                     use_mask_token=True)
     target = targets.make_target("kmeans", patch_size=enc.patch_size, vocab_size=vocab)
     model = MaskedImageModel(enc, target.num_outputs)
@@ -165,14 +165,14 @@ def pretrain_step(preset: str | dict, batch: int, *, dtype: str = "float32", acc
 def finetune_step(preset: str | dict, batch: int, *, dtype: str = "float32", mode: str = "full",
                   **model_overrides) -> Step:
     """The fine-tuning step as `sslvit.finetune` builds it (10 classes, layer decay 0.65, `mode` freezes the rest)."""
-    from sslvit.finetune_modes import FINETUNE_MODES, partition  # noqa: PLC0415
+    from sslvit.finetune_modes import make_mode, partition  # noqa: PLC0415
 
-    model = build_vit(model_preset(preset, stem="linear", dtype=dtype, **model_overrides), num_classes=10)
+    model = build_vit(from_flat(model_preset(preset, stem="linear", dtype=dtype, **model_overrides)), num_classes=10)
     size = model.grid_size[0] * model.patch_size
     images = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
     labels = jnp.arange(batch) % 10
     params = jax.jit(model.init)(jax.random.key(0), images[:1])["params"]
-    trainable, frozen = partition(params, FINETUNE_MODES[mode])
+    trainable, frozen = partition(params, make_mode(mode))
     opt, _ = optim.make_optimizer(OmegaConf.create(dict(OPTIM, layer_decay=0.65)), trainable, total_steps=1000,
                                   depth=model.depth)
     state = TrainState.create(trainable, frozen, {}, opt)
@@ -191,7 +191,7 @@ def inference_forward(preset: str | dict, batch: int, *, dtype: str = "float32",
     model FLOPs and compile seconds; warmed up once."""
     from sslvit.flops import forward_flops  # noqa: PLC0415
 
-    model = build_vit(model_preset(preset, stem="linear", dtype=dtype, **model_overrides), num_classes=1000)
+    model = build_vit(from_flat(model_preset(preset, stem="linear", dtype=dtype, **model_overrides)), num_classes=1000)
     size = model.grid_size[0] * model.patch_size
     x = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
     params = jax.jit(model.init)(jax.random.key(0), x[:1])

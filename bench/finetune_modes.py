@@ -26,15 +26,16 @@ def measure(mode: str, batch_size: int, steps: int, overrides: list[str]) -> dic
     import numpy as np  # noqa: PLC0415
     from hydra import compose, initialize_config_dir  # noqa: PLC0415
 
-    from sslvit.finetune import Finetuning, count_params, memory_report  # noqa: PLC0415
-    from sslvit.train import batch_sharding, make_mesh  # noqa: PLC0415
+    from sslvit.finetune import Finetuning  # noqa: PLC0415
+    from sslvit.stage import count_params  # noqa: PLC0415
+    from sslvit.train import batch_sharding, make_mesh, memory_report  # noqa: PLC0415
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("finetune", overrides=["run=null", f"finetune.mode={mode}", f"batch_size={batch_size}",
                                              f"steps={steps + 3}", *overrides])
-    ft = Finetuning(cfg, "/tmp/unused")
+    ft = Finetuning(cfg, None)
     mesh = make_mesh()
-    state, train_step, _ = ft.build(steps + 3, mesh)
+    state, train_step = ft.build(mesh, steps + 3)
     t0 = time.perf_counter()
     compiled = train_step.lower(state, ft.abstract_batch(mesh), None).compile()
     compile_s = time.perf_counter() - t0
@@ -57,7 +58,7 @@ def measure(mode: str, batch_size: int, steps: int, overrides: list[str]) -> dic
             "total": count_params(state.params) + count_params(state.frozen),
             "opt_state": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.opt_state)),
             "peak": mem.get("peak"), "temp": mem.get("temp"), "argument": mem.get("argument"),
-            "step_s": statistics.median(times), "compile_s": compile_s, "model": ft.model_cfg}
+            "step_s": statistics.median(times), "compile_s": compile_s, "encoder": ft.encoder_cfg}
 
 
 def main() -> None:

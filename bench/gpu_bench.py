@@ -183,10 +183,10 @@ def cmd_torch(args) -> None:
 def _train_flops(cfg: dict) -> int:
     """Analytic train FLOPs per image of the classifier with this config's shape (linear stem, 10 classes): the
     work of timm's step, counted as ours."""
-    from sslvit.config import build_vit  # noqa: PLC0415
     from sslvit.flops import train_flops  # noqa: PLC0415
+    from sslvit.models.build import build_vit, from_flat  # noqa: PLC0415
 
-    return train_flops(build_vit(dict(cfg, stem="linear", stem_norm="batch"), num_classes=10))
+    return train_flops(build_vit(from_flat(dict(cfg, stem="linear", stem_norm="batch")), num_classes=10))
 
 
 # ------------------------------------------------------------------------------------------------ summary

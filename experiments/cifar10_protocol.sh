@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Small-scale CIFAR-10 protocol for the paper's three findings (issue 7), sized for a 2-core CPU in < 55 minutes.
+# Small-scale CIFAR-10 protocol for the paper's three findings, sized for a 2-core CPU in < 55 minutes.
 #
 #   export TFDS_DATA_DIR=/path/to/tensorflow_datasets   # holding cifar10 (tfds downloads it when online)
 #   bash experiments/cifar10_protocol.sh                 # -> outputs/protocol/{pretrain,finetune,probe,report}

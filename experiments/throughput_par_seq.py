@@ -29,14 +29,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from sslvit.config import build_vit  # noqa: E402
+from sslvit.models.build import build_vit, from_flat  # noqa: E402
 
 
 def make_steps(depth: int, branches: int, args) -> tuple:
     """(train step, inference fn, params, batch_stats) of one classifier ViT."""
     cfg = dict(image_size=32, patch_size=4, dim=args.dim, depth=depth, num_parallel_branches=branches,
                heads=args.heads, mlp_dim=args.mlp, stem=args.stem, layer_scale_init=0.1, drop_path=0.0)
-    model = build_vit(cfg, num_classes=10)
+    model = build_vit(from_flat(cfg), num_classes=10)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     params, stats = variables["params"], variables.get("batch_stats", {})
     tx = optax.adamw(1e-3)

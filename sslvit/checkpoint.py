@@ -5,7 +5,7 @@ Layout of ``directory`` (orbax's)::
     <directory>/<step>/state/...   the train state (params, optimizer state, rng keys, ...), OCDBT/zarr
     <directory>/<step>/meta/...    a JSON dict: resolved model config, data position, tokenizer path, ...
 
-Guarantees (issue 5):
+Guarantees:
 
 - **Atomic.** orbax writes a step into ``<step>.orbax-checkpoint-tmp*`` and renames it on finalize; only
   finalized steps are listed, so a save interrupted by ``kill -9`` is never taken as the latest (a stale tmp dir
@@ -33,13 +33,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from sslvit.errors import ConfigError
+from sslvit.rundir import CHECKPOINT_SUBDIR  # readers accept a run dir or its checkpoints dir
 
 __all__ = ["CHECKPOINT_SUBDIR", "Checkpointer", "find_checkpoint_dir", "load_meta", "load_params"]
 
 log = logging.getLogger(__name__)
 
 STATE, META = "state", "meta"  # orbax item names inside each step directory
-CHECKPOINT_SUBDIR = "checkpoints"  # where a run dir keeps its checkpoints; readers accept either directory
 
 T = TypeVar("T")
 

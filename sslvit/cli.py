@@ -56,8 +56,7 @@ def hydra_run_dir() -> Path:
 def run_main(fn, cfg):
     """Call `fn(cfg, run_dir)`; known failures become one line on stderr and an exit status (module docstring).
     Under a Hydra multirun, failures are recorded per job and the sweep goes on."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    quiet_start_up_notices()
     run_dir = hydra_run_dir()
     if in_multirun():
         return _run_sweep_job(fn, cfg, run_dir)
@@ -70,6 +69,24 @@ def run_main(fn, cfg):
         log.log(logging.WARNING if code == EXIT_PREEMPTED else logging.ERROR, "%s", line)  # into the run's log
         print(line, file=sys.stderr)
         sys.exit(code)
+
+
+# Libraries' start-up notices that are not this project's output (JAX looking for a TPU on a CPU machine, absl).
+QUIET_LOGGERS = ("absl", "jax._src.xla_bridge")
+
+
+def quiet_start_up_notices() -> None:
+    """Keep the libraries' start-up notices out of a run's output, unless `hydra.verbose` asks for more (it also
+    lets TensorFlow's native notices through: sslvit/data/_tf.py)."""
+    from hydra.core.hydra_config import HydraConfig  # noqa: PLC0415
+
+    verbose = HydraConfig.initialized() and bool(HydraConfig.get().verbose)
+    if verbose:
+        os.environ["SSLVIT_VERBOSE"] = "1"
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def describe_failure(e: BaseException, run_dir: Path, *, multirun: bool = False) -> tuple[int, str]:

@@ -26,6 +26,8 @@ import logging
 import os
 from typing import Any, Mapping, Optional
 
+from sslvit.config.checks import Integer
+from sslvit.config.groups import DistributedConfig
 from sslvit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -35,29 +37,13 @@ ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_N
        "process_id": "JAX_PROCESS_ID"}
 
 
-def _cfg_dict(cfg: Any) -> dict:
-    if cfg is None:
-        return {}
-    if hasattr(cfg, "items"):
-        out = {str(k): v for k, v in cfg.items()}
-    else:
-        raise ConfigError(f"distributed={cfg!r} must be a mapping with keys {list(KEYS)}")
-    unknown = sorted(set(out) - set(KEYS))
-    if unknown:
-        raise ConfigError(f"distributed.{unknown[0]} is not a distributed key; known keys: {', '.join(KEYS)}")
-    return out
-
-
-def _int(value: Any, key: str, minimum: int) -> int:
+def _env_int(value: str, key: str, minimum: int) -> int:
+    """An integer environment variable (text), checked like a config value."""
     try:
-        v = int(value)
-        if isinstance(value, bool) or str(v) != str(value).strip():
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}") from None
-    if v < minimum:
-        raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}")
-    return v
+        number = int(str(value).strip())
+    except ValueError:
+        number = value  # not an integer: reported as given
+    return Integer(min=minimum)(number, key)
 
 
 def slurm_num_tasks(environ: Mapping[str, str] = os.environ) -> int:
@@ -69,20 +55,14 @@ def slurm_num_tasks(environ: Mapping[str, str] = os.environ) -> int:
 
 def resolve(cfg: Any = None, environ: Mapping[str, str] = os.environ) -> Optional[dict]:
     """The keyword arguments for `jax.distributed.initialize`, or None for a single-process run. Pure: no JAX."""
-    c = _cfg_dict(cfg)
-    enabled = c.get("enabled", "auto")
-    if enabled is None:
-        enabled = "auto"
-    if enabled not in (True, False, "auto"):
-        raise ConfigError(f"distributed.enabled={enabled!r} must be auto, true or false")
-    if enabled is False:
+    c = DistributedConfig.parse(cfg if cfg is not None else {})
+    if c.enabled is False:
         return None
     kw: dict = {}
-    timeout = c.get("initialization_timeout")
-    if timeout is not None:
-        kw["initialization_timeout"] = _int(timeout, "distributed.initialization_timeout", 1)
+    if c.initialization_timeout is not None:
+        kw["initialization_timeout"] = c.initialization_timeout
 
-    explicit = {k: c.get(k) for k in ENV if c.get(k) is not None}
+    explicit = {k: getattr(c, k) for k in ENV if getattr(c, k) is not None}
     source = "distributed"
     if not explicit:
         explicit = {k: environ[v] for k, v in ENV.items() if environ.get(v)}
@@ -93,8 +73,8 @@ def resolve(cfg: Any = None, environ: Mapping[str, str] = os.environ) -> Optiona
             names = [f"distributed.{k}" if source == "distributed" else ENV[k] for k in missing]
             raise ConfigError(f"multi-process setup is incomplete: {', '.join(names)} not set; set all of "
                               f"coordinator_address (host:port of process 0), num_processes and process_id")
-        n = _int(explicit["num_processes"], f"{source}.num_processes", 1)
-        pid = _int(explicit["process_id"], f"{source}.process_id", 0)
+        n = _env_int(explicit["num_processes"], f"{source}.num_processes", 1)
+        pid = _env_int(explicit["process_id"], f"{source}.process_id", 0)
         if pid >= n:
             raise ConfigError(f"{source}.process_id={pid} must be < num_processes={n}")
         addr = str(explicit["coordinator_address"])
@@ -107,7 +87,7 @@ def resolve(cfg: Any = None, environ: Mapping[str, str] = os.environ) -> Optiona
 
     if slurm_num_tasks(environ) > 1:
         return kw  # JAX's SLURM detection fills in the rest
-    if enabled is True:
+    if c.enabled is True:
         raise ConfigError("distributed.enabled=true but no cluster found: set distributed.coordinator_address, "
                           "num_processes and process_id, or launch with srun (SLURM_NTASKS > 1)")
     return None
@@ -142,6 +122,7 @@ def quiet_non_main_process() -> None:
 
 
 def is_main_process() -> bool:
+    """Process 0 of a multi-process run (the one that logs and writes results); True in a single-process run."""
     import jax  # noqa: PLC0415
 
     return jax.process_index() == 0

@@ -1,45 +1,113 @@
-"""Which parameters train: a registry of fine-tune modes, each a predicate on a parameter's path.
+"""Which parameters train: fine-tune modes, registered in `FINETUNE_MODES` and chosen with `finetune/mode=<name>`.
 
 The paper's finding 2: fine-tuning only the attention weights (q/k/v and output projection of every branch of
-every layer) plus the head and the position embedding adapts a model to a new resolution or task. The official
+every layer), with the head and the position embedding, adapts a model to a new resolution or task. The official
 code picked parameters whose *name* contains `.attn.`, which missed the second branch (`attn1`) of parallel
 blocks; here a layer's branches are stacked in one array per weight, so every branch trains by construction, and
 `trainable_paths` lists exactly what trains.
+
+A mode is a class whose `trains(path)` says whether the parameter at `path` (a tuple of names, e.g.
+`('layers', 'attn', 'qkv_kernel')`) trains; its options come from `conf/finetune/mode/<name>.yaml`. A new mode is
+one class registered with `@FINETUNE_MODES.register(name)` and one YAML file there.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from flax import traverse_util
 
-from sslvit.errors import ConfigError
+from sslvit.config.checks import Boolean
+from sslvit.registry import Registry
 
 Path = tuple[str, ...]
 ATTN_WEIGHTS = ("qkv_kernel", "qkv_bias", "out_kernel", "out_bias")
 MLP_WEIGHTS = ("fc1_kernel", "fc1_bias", "fc2_kernel", "fc2_bias")
 
+FINETUNE_MODES: Registry = Registry("fine-tune mode", "finetune.mode.name", "finetune.mode")
 
-def _is_head(path: Path) -> bool:
-    return path[0] == "head"
+
+class FinetuneMode:
+    """Base of the modes: a predicate over parameter paths (`mode(path)` is `mode.trains(path)`)."""
+
+    name = ""
+
+    def trains(self, path: Path) -> bool:
+        raise NotImplementedError
+
+    def __call__(self, path: Path) -> bool:
+        return self.trains(path)
+
+    def options(self) -> dict:
+        return {}
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.options().items())
+        return f"{self.name}({opts})"
 
 
 def _in_layers(path: Path, sublayer: str, names: tuple[str, ...]) -> bool:
     return len(path) >= 3 and path[0] == "layers" and path[1] == sublayer and path[-1] in names
 
 
-FINETUNE_MODES: dict[str, Callable[[Path], bool]] = {
-    "full": lambda path: True,
-    "attn_only": lambda path: _is_head(path) or path == ("pos_embedding",) or _in_layers(path, "attn", ATTN_WEIGHTS),
-    "mlp_only": lambda path: _is_head(path) or path == ("pos_embedding",) or _in_layers(path, "mlp", MLP_WEIGHTS),
-    "head_only": _is_head,
-}
+@FINETUNE_MODES.register("full")
+class Full(FinetuneMode):
+    """Every parameter trains."""
+
+    name = "full"
+
+    def trains(self, path: Path) -> bool:
+        return True
 
 
-def get_mode(name: str) -> Callable[[Path], bool]:
-    if name not in FINETUNE_MODES:
-        raise ConfigError(f"unknown finetune.mode={name!r}: choose one of {sorted(FINETUNE_MODES)}")
-    return FINETUNE_MODES[name]
+class _SublayerOnly(FinetuneMode):
+    """One sublayer's weights in every layer and branch, plus (options) the head and the position embedding."""
+
+    sublayer = ""
+    weights: tuple[str, ...] = ()
+
+    def __init__(self, *, head: bool = True, pos_embedding: bool = True):
+        self.head = Boolean()(head, "finetune.mode.head")
+        self.pos_embedding = Boolean()(pos_embedding, "finetune.mode.pos_embedding")
+
+    def trains(self, path: Path) -> bool:
+        return ((self.head and path[0] == "head") or (self.pos_embedding and path == ("pos_embedding",))
+                or _in_layers(path, self.sublayer, self.weights))
+
+    def options(self) -> dict:
+        return {"head": self.head, "pos_embedding": self.pos_embedding}
+
+
+@FINETUNE_MODES.register("attn_only")
+class AttnOnly(_SublayerOnly):
+    """q/k/v and output projections (weights and biases) of every attention branch: the paper's finding 2."""
+
+    name, sublayer, weights = "attn_only", "attn", ATTN_WEIGHTS
+
+
+@FINETUNE_MODES.register("mlp_only")
+class MlpOnly(_SublayerOnly):
+    """fc1 and fc2 (weights and biases) of every MLP branch: the paper's comparison to attention-only."""
+
+    name, sublayer, weights = "mlp_only", "mlp", MLP_WEIGHTS
+
+
+@FINETUNE_MODES.register("head_only")
+class HeadOnly(FinetuneMode):
+    """The classification head alone (a linear probe trained with the fine-tune recipe's augmentation)."""
+
+    name = "head_only"
+
+    def trains(self, path: Path) -> bool:
+        return path[0] == "head"
+
+
+def make_mode(cfg: Any) -> FinetuneMode:
+    """The mode of a `finetune.mode` config group ({'name': ..., options}), or of a bare name."""
+    if isinstance(cfg, str):
+        return FINETUNE_MODES.build(cfg)
+    cfg = dict(cfg or {})
+    return FINETUNE_MODES.build(cfg.get("name"), config=cfg, ignore=("name",))
 
 
 def partition(params, is_trainable: Callable[[Path], bool]):
@@ -57,6 +125,6 @@ def merge(trainable, frozen):
     return traverse_util.unflatten_dict(flat)
 
 
-def trainable_paths(params, mode: str) -> list[str]:
-    pred = get_mode(mode)
+def trainable_paths(params, mode: str | Mapping | FinetuneMode) -> list[str]:
+    pred = mode if isinstance(mode, FinetuneMode) else make_mode(mode)
     return sorted("/".join(k) for k in traverse_util.flatten_dict(params) if pred(k))

@@ -1,4 +1,4 @@
-"""Mask samplers for BEiT-style masked-patch pretraining (REFERENCES.md §4).
+"""Mask samplers for BEiT-style masked-patch pretraining (BEiT: unilm `beit/masking_generator.py`).
 
 A sampler turns a ``np.random.Generator`` and a batch size into a bool array of shape
 ``(batch_size, gh * gw)`` (row-major patch grid, True = masked) with exactly ``num_masked`` True per
@@ -9,19 +9,20 @@ pipeline. Given the same Generator state and batch size they return the same mas
 depends on the batch size, as the batch shares one random stream); ``mask_rng(seed, step)`` gives
 the Generator for a training step, so masks of step k can be regenerated exactly after a resume.
 
-Adding a sampler = one ``MaskSampler`` subclass + one entry in ``MASK_SAMPLERS``.
+Adding a sampler = one ``MaskSampler`` subclass registered with ``@MASK_SAMPLERS.register(name)`` + one
+``conf/mask/<name>.yaml``.
 """
 
 from __future__ import annotations
 
 import abc
-import inspect
 import math
-import numbers
 
 import numpy as np
 
+from sslvit.config.checks import Integer, Number, Optional, is_int
 from sslvit.errors import ConfigError
+from sslvit.registry import Registry
 
 __all__ = [
     "MASK_SAMPLERS",
@@ -33,12 +34,7 @@ __all__ = [
 ]
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+MASK_SAMPLERS: Registry = Registry("mask sampler", "mask.name")
 
 
 def mask_rng(seed: int, step: int) -> np.random.Generator:
@@ -47,10 +43,7 @@ def mask_rng(seed: int, step: int) -> np.random.Generator:
     Keying on the step (not on a stream advanced by every previous step) lets a resumed run
     regenerate exactly the masks it would have drawn without the interruption.
     """
-    for name, value in (("seed", seed), ("step", step)):
-        if not _is_int(value) or value < 0:
-            raise ConfigError(f"mask_rng: {name}={value!r} must be a non-negative int; pass e.g. seed=0, step=0.")
-    return np.random.default_rng([int(seed), int(step)])
+    return np.random.default_rng([Integer(min=0)(seed, "seed"), Integer(min=0)(step, "step")])
 
 
 def _fill_to_count(mask: np.ndarray, num_masked: int, rng: np.random.Generator) -> np.ndarray:
@@ -88,7 +81,7 @@ class MaskSampler(abc.ABC):
         if (
             not isinstance(grid_size, (tuple, list))
             or len(grid_size) != 2
-            or not all(_is_int(g) and g >= 1 for g in grid_size)
+            or not all(is_int(g) and g >= 1 for g in grid_size)
         ):
             raise ConfigError(
                 f"mask grid_size={grid_size!r} must be two positive ints (gh, gw) = (H // patch, W // patch), "
@@ -96,8 +89,7 @@ class MaskSampler(abc.ABC):
             )
         gh, gw = int(grid_size[0]), int(grid_size[1])
         n = gh * gw
-        if not _is_real(mask_ratio) or not (0.0 < float(mask_ratio) < 1.0):
-            raise ConfigError(f"mask_ratio={mask_ratio!r} must be a float in (0, 1), e.g. 0.4 as in BEiT.")
+        mask_ratio = Number(gt=0, lt=1)(mask_ratio, "mask_ratio", "e.g. 0.4 as in BEiT")
         num_masked = int(round(float(mask_ratio) * n))
         if num_masked == 0 or num_masked == n:
             why = "nothing to predict" if num_masked == 0 else "no patch visible"
@@ -113,8 +105,7 @@ class MaskSampler(abc.ABC):
 
     def __call__(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
         """Return a bool array (batch_size, gh * gw), True = masked, exactly ``num_masked`` per row."""
-        if not _is_int(batch_size) or batch_size < 0:
-            raise ConfigError(f"mask sampler batch_size={batch_size!r} must be a non-negative int.")
+        batch_size = Integer(min=0)(batch_size, "batch_size")
         if not isinstance(rng, np.random.Generator):
             raise ConfigError(
                 f"mask sampler rng must be a np.random.Generator (got {type(rng).__name__}); "
@@ -134,6 +125,7 @@ class MaskSampler(abc.ABC):
         )
 
 
+@MASK_SAMPLERS.register("random")
 class RandomMaskSampler(MaskSampler):
     """Uniformly random patches (MAE / SimMIM style), exactly ``num_masked`` per row."""
 
@@ -147,6 +139,7 @@ class RandomMaskSampler(MaskSampler):
         return mask
 
 
+@MASK_SAMPLERS.register("block")
 class BlockMaskSampler(MaskSampler):
     """BEiT blockwise masking (unilm ``beit/masking_generator.py``) with BEiT v2's exact-count fix-up.
 
@@ -180,14 +173,9 @@ class BlockMaskSampler(MaskSampler):
         min_aspect: float = 0.3,
     ):
         super().__init__(grid_size, mask_ratio)
-        if not _is_int(min_patches) or min_patches < 1:
-            raise ConfigError(f"block mask min_patches={min_patches!r} must be an int >= 1 (BEiT uses 16).")
-        if max_patches is not None and (not _is_int(max_patches) or max_patches < min_patches):
-            raise ConfigError(
-                f"block mask max_patches={max_patches!r} must be None or an int >= min_patches={min_patches}."
-            )
-        if not _is_real(min_aspect) or not (0.0 < float(min_aspect) <= 1.0):
-            raise ConfigError(f"block mask min_aspect={min_aspect!r} must be a float in (0, 1] (BEiT uses 0.3).")
+        min_patches = Integer(min=1)(min_patches, "mask.min_patches", "e.g. 16 as in BEiT")
+        max_patches = Optional(Integer(min=min_patches), "null (no limit)")(max_patches, "mask.max_patches")
+        min_aspect = Number(gt=0, le=1)(min_aspect, "mask.min_aspect", "e.g. 0.3 as in BEiT")
         self.min_patches = min(int(min_patches), self.num_masked)
         self.max_patches = self.num_masked if max_patches is None else min(int(max_patches), self.num_masked)
         self.min_aspect = float(min_aspect)
@@ -240,25 +228,9 @@ class BlockMaskSampler(MaskSampler):
         return mask
 
 
-MASK_SAMPLERS: dict[str, type[MaskSampler]] = {
-    "block": BlockMaskSampler,
-    "random": RandomMaskSampler,
-}
-
-
-def make_mask_sampler(name: str, grid_size: tuple[int, int], mask_ratio: float, **kwargs) -> MaskSampler:
+def make_mask_sampler(name: str, grid_size: tuple[int, int], mask_ratio: float, /, **options) -> MaskSampler:
     """Build a registered mask sampler, e.g. ``make_mask_sampler("block", (14, 14), 0.4, min_patches=16)``.
 
-    Raises ConfigError for an unknown name, a kwarg the sampler does not take, or a bad value.
+    Raises ConfigError for an unknown name, an option the sampler does not take, or a bad value.
     """
-    if name not in MASK_SAMPLERS:
-        raise ConfigError(f"mask sampler {name!r} is unknown; known samplers: {sorted(MASK_SAMPLERS)}.")
-    cls = MASK_SAMPLERS[name]
-    params = inspect.signature(cls.__init__).parameters
-    allowed = sorted(p.name for p in params.values() if p.kind is inspect.Parameter.KEYWORD_ONLY)
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        raise ConfigError(
-            f"mask sampler {name!r} got unknown option(s) {unknown}; allowed options: {allowed or 'none'}."
-        )
-    return cls(grid_size, mask_ratio, **kwargs)
+    return MASK_SAMPLERS.build(name, grid_size, mask_ratio, config=options, ignore=("name",))

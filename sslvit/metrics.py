@@ -26,13 +26,12 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
 from sslvit.errors import ConfigError
+from sslvit.rundir import METRICS_FILE, TB_DIR
 
 __all__ = ["METRICS_FILE", "TB_DIR", "MetricWriter", "read_metrics", "truncate_after"]
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-TB_DIR = "tb"
 _file_ids = count()  # keeps event file names unique (and ordered) within a process
 
 

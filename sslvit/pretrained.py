@@ -1,7 +1,8 @@
 """Loading a trained encoder out of a run dir, for the linear probe and fine-tuning.
 
 A run dir (`<run>/checkpoints/`, orbax) holds everything needed to rebuild its encoder: the checkpoint's meta
-carries the encoder's `model_config` dict, so no model option is repeated on the command line. The loader
+carries the encoder's description (its `model` and `stem` groups, sslvit/models/build.py), so no model option is
+repeated on the command line. The loader
 
 - rejects, in one line each, a path that is not a run dir, a run dir without a checkpoint, command-line model
   options that contradict the saved architecture, and a checkpoint whose weights don't fit the config;
@@ -23,27 +24,29 @@ import numpy as np
 from flax import traverse_util
 
 from sslvit.errors import ConfigError
+from sslvit.models.build import ENCODER_GROUPS, encoder_from_meta
 from sslvit.models.vit import resize_pos_embedding
+from sslvit.rundir import CHECKPOINT_SUBDIR, run_dir_of_checkpoints
 
-CHECKPOINT_SUBDIR = "checkpoints"
-# Keys of `model_config` that fix the parameters' shapes (or which parameters exist): a run's saved values win and
-# a command-line override that contradicts them is an error.
-ARCH_KEYS = ("patch_size", "dim", "depth", "heads", "mlp_dim", "num_parallel_branches", "dim_head", "channels",
-             "pos_embedding", "layer_scale_init", "stem", "stem_norm")
+# Keys of an encoder description that fix the parameters' shapes (or which parameters exist): a run's saved values
+# win and a command-line override that contradicts them is an error.
+ARCH_KEYS = ("model.patch_size", "model.dim", "model.depth", "model.heads", "model.mlp_dim",
+             "model.num_parallel_branches", "model.dim_head", "model.channels", "model.pos_embedding",
+             "model.layer_scale_init", "stem.name", "stem.norm")
 # Keys a user may change when reusing a trained encoder (they change how it runs, not what it holds).
-RUNTIME_KEYS = ("dtype", "remat", "unroll_layers", "dropout", "emb_dropout", "pool", "drop_path", "attention",
-                "remat_policy")
+RUNTIME_KEYS = ("model.dtype", "model.remat", "model.unroll_layers", "model.dropout", "model.emb_dropout",
+                "model.pool", "model.drop_path", "model.attention", "model.remat_policy")
 # Leaves a classifier built from a pretrained encoder does not have (pretext-only parameters).
 PRETEXT_ONLY = (("mask_token",),)
 
 
 @dataclasses.dataclass
 class TrainedEncoder:
-    """An encoder's weights and the config that rebuilds it (`sslvit.config.build_vit`)."""
+    """An encoder's weights and the description that rebuilds it (`sslvit.models.build_vit`)."""
 
     run_dir: Path
     step: int
-    model_cfg: dict  # the saved `model_config` (image_size is the resolution it was trained at)
+    encoder: dict  # {'model': ..., 'stem': ...}; model.image_size is the resolution it was trained at
     params: dict  # the ViT's parameter tree (numpy), without the pretext head
     batch_stats: dict  # BatchNorm running statistics of the stem ({} without BatchNorm)
     meta: dict  # the checkpoint's whole meta ('stage', 'model', 'config', ...)
@@ -95,10 +98,10 @@ def load_encoder(run: str | os.PathLike, step: Optional[int] = None) -> TrainedE
     ckpt_dir, step = checkpoint_step(run, step)
     params, meta = load_params(ckpt_dir, step=step, subtree="params")
     meta = dict(meta or {})
-    model_cfg = meta.get("model")
-    if not isinstance(model_cfg, Mapping):
-        raise ConfigError(f"the checkpoint in {ckpt_dir} has no saved model config (meta 'model'): it was not "
-                          f"written by pretrain.py or finetune.py")
+    encoder = encoder_from_meta(meta)
+    if encoder is None:
+        raise ConfigError(f"the checkpoint in {ckpt_dir} has no saved encoder description (meta 'encoder'): it was "
+                          f"not written by pretrain.py or finetune.py")
     tree = {"params": params}
     for extra in ("frozen", "batch_stats"):  # fine-tuning splits params; BatchNorm stems keep statistics
         try:
@@ -107,7 +110,7 @@ def load_encoder(run: str | os.PathLike, step: Optional[int] = None) -> TrainedE
             if f"no '{extra}'" not in str(e):
                 raise
     params, batch_stats = _encoder_trees(tree, ckpt_dir)
-    return TrainedEncoder(run_dir=ckpt_dir.parent if ckpt_dir.name == CHECKPOINT_SUBDIR else ckpt_dir, step=int(step), model_cfg=dict(model_cfg), params=params,
+    return TrainedEncoder(run_dir=run_dir_of_checkpoints(ckpt_dir), step=int(step), encoder=encoder, params=params,
                           batch_stats=batch_stats, meta=meta)
 
 
@@ -140,47 +143,42 @@ def _plain(tree) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ model config
-def touched_model_keys(overrides: Iterable[str]) -> set[str]:
-    """`model_config` keys that command-line overrides (Hydra syntax) set: `model=small` or `stem=conv` touch the
-    whole group, `model.dim=128` one key, `stem.norm=layer` -> 'stem_norm'."""
-    from sslvit.config import MODEL_KEYS  # noqa: PLC0415
-
+def touched_keys(overrides: Iterable[str], requested: Mapping[str, Mapping]) -> set[str]:
+    """Dotted encoder keys that command-line overrides (Hydra syntax) set: `model=small` or `stem=conv` touch every
+    key of the group, `model.dim=128` and `stem.norm=layer` one key each."""
     touched: set[str] = set()
     for item in overrides:
-        key = str(item).split("=", 1)[0].lstrip("+~").strip()
-        if key == "model":
-            touched.update(MODEL_KEYS + ("dtype",))
-        elif key.startswith("model."):
-            touched.add(key.split(".", 1)[1])
-        elif key == "stem":
-            touched.update(("stem", "stem_norm"))
-        elif key == "stem.name":
-            touched.add("stem")
-        elif key == "stem.norm":
-            touched.add("stem_norm")
+        k = str(item).split("=", 1)[0].lstrip("+~").strip()
+        group, _, rest = k.partition(".")
+        if group not in ENCODER_GROUPS:
+            continue
+        if rest:
+            touched.add(f"{group}.{rest}")
+        else:
+            touched.update(f"{group}.{name}" for name in requested.get(group, {}))
     return touched
 
 
-def resolve_model_config(saved: Mapping, requested: Mapping, touched: Iterable[str], run: Any) -> dict:
-    """The saved config, with the runtime options (dtype, remat, dropout, pool) the user set on the command line.
-
-    Raises ConfigError when an explicit override contradicts the saved architecture: the weights would not fit
-    (or would mean something else), so the user asked for another model than the run holds."""
-    out = dict(saved)
-    for key in sorted(set(touched)):
-        if key not in requested:
+def resolve_encoder(saved: Mapping[str, Mapping], requested: Mapping[str, Mapping], touched: Iterable[str],
+                    run: Any) -> dict:
+    """The saved description, with the runtime options (dtype, remat, dropout, pool, ...) the user set on the
+    command line. Raises ConfigError when an explicit override contradicts the saved architecture: the weights
+    would not fit (or would mean something else), so the user asked for another model than the run holds."""
+    out = {g: dict(saved.get(g, {})) for g in ENCODER_GROUPS}
+    for dotted in sorted(set(touched)):
+        group, _, name = dotted.partition(".")
+        if name not in requested.get(group, {}):
             continue
-        want, have = requested[key], saved.get(key)
-        if key in RUNTIME_KEYS:
-            out[key] = want
-        elif key == "image_size":
+        want, have = requested[group][name], saved.get(group, {}).get(name)
+        if dotted in RUNTIME_KEYS:
+            out[group][name] = want
+        elif dotted == "model.image_size":
             if _norm_size(want) != _norm_size(have):
                 raise ConfigError(f"model.image_size={want} conflicts with the run's image_size={have} ({run}): "
                                   f"drop it and set finetune.image_size={want} to change the resolution")
-        elif key in ARCH_KEYS and want != have:
-            name = f"model.{key}" if key not in ("stem", "stem_norm") else ("stem" if key == "stem" else "stem.norm")
-            raise ConfigError(f"{name}={want!r} conflicts with the checkpoint's {key}={have!r} in run={run}: the run's "
-                              f"saved config rebuilds the model; drop the override (or use run=null to train "
+        elif dotted in ARCH_KEYS and want != have:
+            raise ConfigError(f"{dotted}={want!r} conflicts with the checkpoint's {dotted}={have!r} in run={run}: the "
+                              f"run's saved config rebuilds the model; drop the override (or use run=null to train "
                               f"that model from scratch)")
     return out
 

@@ -7,7 +7,8 @@ masked positions only (`loss`) and, if it needs one, fits a tokenizer on host be
   patches; the head classifies the code (cross-entropy), like BEiT's dVAE tokens but tokenizer-cheap.
 - `pixel`: MAE-style regression of (per-patch normalised) pixels, MSE.
 
-A new target (e.g. a dVAE tokenizer) is one `Target` subclass plus one line in `TARGETS`. A target's
+A new target (e.g. a dVAE tokenizer) is one `Target` subclass registered with `@TARGETS.register(name)` and one
+`conf/target/<name>.yaml`; the k-means fit itself lives in sslvit/kmeans.py. A target's
 `state` is a pytree of arrays (nested dicts allowed), so `save`/`load` and jit work unchanged.
 
 Patch convention (shared with the model stems): `patchify` uses
@@ -18,9 +19,7 @@ pixels with channels last. Targets are computed from the same normalised images 
 from __future__ import annotations
 
 import abc
-import inspect
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -32,15 +31,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sslvit.config.checks import Boolean, Integer
 from sslvit.errors import ConfigError
+from sslvit.kmeans import kmeans, nearest_code
+from sslvit.registry import Registry
+from sslvit.rundir import TOKENIZER_FILE
 
 logger = logging.getLogger(__name__)
 
 State = dict[str, Any]  # pytree of arrays
 Array = Any  # np.ndarray | jax.Array
 
-TOKENIZER_FILENAME = "tokenizer.npz"
-_HIGHEST = jax.lax.Precision.HIGHEST  # no TF32/bf16 passes in distances: fit and compute must agree
+TOKENIZER_FILENAME = TOKENIZER_FILE  # the name in a run dir (sslvit/rundir.py)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,178 +87,6 @@ def normalize_patches(patches: Array, eps: float = 1e-6) -> Array:
 
 
 # ----------------------------------------------------------------------------------------------
-# k-means (JAX, jitted, memory-bounded)
-# ----------------------------------------------------------------------------------------------
-
-
-def squared_distances(x: jax.Array, codebook: jax.Array) -> jax.Array:
-    """||x||^2 - 2 x.c + ||c||^2 for x (M, D), codebook (K, D) -> (M, K), clamped at 0.
-
-    One function for fit and `compute`, so training-time tokens are the ones the fit produced.
-    """
-    x_sq = jnp.sum(x * x, axis=-1, keepdims=True)
-    c_sq = jnp.sum(codebook * codebook, axis=-1)
-    xc = jnp.dot(x, codebook.T, precision=_HIGHEST)
-    return jnp.maximum(x_sq - 2.0 * xc + c_sq, 0.0)
-
-
-# Above this many (row, code) distances, `nearest_code` walks the codebook in chunks instead of building the whole
-# (rows x K) matrix: ImageNet at K=8192 and 256 images per step would be 1.6 G floats (6.6 GB) at once.
-NEAREST_CODE_MAX_ENTRIES = 2**26
-
-
-def nearest_code(x: jax.Array, codebook: jax.Array, max_entries: int = NEAREST_CODE_MAX_ENTRIES) -> jax.Array:
-    """Index of the nearest codebook row for each row of x (M, D): argmin of `squared_distances`, with at most
-    ~`max_entries` distances alive at a time. Chunks run over the codebook, not the rows, so rows sharded over
-    devices stay where they are; ties go to the lower index, as with one argmin."""
-    m, k = x.shape[0], codebook.shape[0]
-    chunk = max(1, min(k, max_entries // max(m, 1)))
-    if chunk >= k:
-        return jnp.argmin(squared_distances(x, codebook), axis=-1).astype(jnp.int32)
-    n_chunks = -(-k // chunk)
-    pad = n_chunks * chunk - k  # padded codes are +inf away, never chosen
-    padded = jnp.pad(codebook, ((0, pad), (0, 0)))
-    valid = jnp.arange(n_chunks * chunk) < k
-
-    def body(carry, i):
-        best_d, best_i = carry
-        c = jax.lax.dynamic_slice_in_dim(padded, i * chunk, chunk)
-        d = jnp.where(jax.lax.dynamic_slice_in_dim(valid, i * chunk, chunk), squared_distances(x, c), jnp.inf)
-        j = jnp.argmin(d, axis=-1)
-        dj = jnp.take_along_axis(d, j[:, None], axis=-1)[:, 0]
-        better = dj < best_d  # strict: an earlier chunk keeps a tie
-        return (jnp.where(better, dj, best_d), jnp.where(better, j + i * chunk, best_i)), None
-
-    init = (jnp.full((m,), jnp.inf, jnp.float32), jnp.zeros((m,), jnp.int32))
-    (_, best), _ = jax.lax.scan(body, init, jnp.arange(n_chunks))
-    return best.astype(jnp.int32)
-
-
-def _kmeans_plusplus(x: jax.Array, k: int, key: jax.Array) -> jax.Array:
-    """Greedy k-means++ seeding (as in scikit-learn): each step draws 2 + ln(k) candidates by D^2
-    sampling and keeps the one that lowers the potential most; plain k-means++ often puts two
-    centres in one cluster, which Lloyd iterations cannot undo. O(k * trials * n * D) work,
-    O(n * trials) memory.
-    """
-    n, d = x.shape
-    trials = 2 + int(math.log(k))
-    key_first, key_rest = jax.random.split(key)
-    first = x[jax.random.randint(key_first, (), 0, n)]
-    centers = jnp.zeros((k, d), x.dtype).at[0].set(first)
-    d2 = squared_distances(x, first[None])[:, 0]
-
-    def body(i, carry):
-        centers, d2 = carry
-        cum = jnp.cumsum(d2)
-        u = jax.random.uniform(jax.random.fold_in(key_rest, i), (trials,)) * cum[-1]
-        # side='right' never picks a zero-weight point (already a centre) unless all weights are 0.
-        idx = jnp.minimum(jnp.searchsorted(cum, u, side="right"), n - 1)
-        candidates = x[idx]
-        new_d2 = jnp.minimum(d2[:, None], squared_distances(x, candidates))  # (n, trials)
-        best = jnp.argmin(jnp.sum(new_d2, axis=0))
-        return centers.at[i].set(candidates[best]), new_d2[:, best]
-
-    centers, _ = jax.lax.fori_loop(1, k, body, (centers, d2))
-    return centers
-
-
-def _assign_pass(xs: jax.Array, ws: jax.Array, centers: jax.Array):
-    """One pass over chunked samples xs (C, chunk, D) with weights ws (C, chunk) (0 = padding).
-
-    Returns per-cluster sums (K, D), counts (K,) int32, and per-sample min distances (C*chunk,).
-    Peak memory is (chunk, K), never (n, K).
-    """
-    k, d = centers.shape
-
-    def step(carry, inp):
-        sums, counts = carry
-        xc, wc = inp
-        dist = squared_distances(xc, centers)
-        a = jnp.argmin(dist, axis=-1)
-        dmin = jnp.min(dist, axis=-1)
-        onehot = jax.nn.one_hot(a, k, dtype=xc.dtype) * wc[:, None]
-        # A matmul instead of a scatter-add: deterministic on GPU, and fast everywhere.
-        sums = sums + jnp.dot(onehot.T, xc, precision=_HIGHEST)
-        counts = counts + jnp.sum(onehot, axis=0).astype(jnp.int32)  # exact: chunk < 2^24
-        return (sums, counts), dmin
-
-    init = (jnp.zeros((k, d), xs.dtype), jnp.zeros((k,), jnp.int32))
-    (sums, counts), dmin = jax.lax.scan(step, init, (xs, ws))
-    return sums, counts, dmin.reshape(-1)
-
-
-def _random_init(x: jax.Array, k: int, key: jax.Array) -> jax.Array:
-    """k distinct samples drawn uniformly: O(n) seeding for vocabularies too big for k-means++."""
-    return x[jax.random.choice(key, x.shape[0], (k,), replace=False)]
-
-
-def _kmeans_impl(x: jax.Array, init: jax.Array | None, key: jax.Array, k: int, iters: int, chunk: int,
-                 plusplus: bool):
-    n, d = x.shape
-    num_chunks = -(-n // chunk)
-    pad = num_chunks * chunk - n
-    w = jnp.concatenate([jnp.ones((n,), x.dtype), jnp.zeros((pad,), x.dtype)])
-    xs = jnp.pad(x, ((0, pad), (0, 0))).reshape(num_chunks, chunk, d)
-    ws = w.reshape(num_chunks, chunk)
-
-    def lloyd(_, centers):
-        sums, counts, dmin = _assign_pass(xs, ws, centers)
-        empty = counts == 0
-        new = sums / jnp.maximum(counts, 1)[:, None].astype(x.dtype)
-        # Empty clusters are re-seeded at the samples worst served by the current codebook: the
-        # r-th empty cluster takes the r-th farthest sample, so several empties get distinct points.
-        far = jnp.where(w > 0, dmin, -jnp.inf)
-        _, far_idx = jax.lax.top_k(far, k)
-        rank = jnp.clip(jnp.cumsum(empty) - 1, 0, k - 1)
-        seeds = xs.reshape(-1, d)[far_idx[rank]]
-        return jnp.where(empty[:, None], seeds, new)
-
-    if init is not None:
-        centers = init
-    else:
-        centers = _kmeans_plusplus(x, k, key) if plusplus else _random_init(x, k, key)
-    centers = jax.lax.fori_loop(0, iters, lloyd, centers)
-    _, counts, dmin = _assign_pass(xs, ws, centers)
-    inertia = jnp.sum(dmin * w) / n
-    return centers, counts, inertia
-
-
-_kmeans_jit = jax.jit(_kmeans_impl, static_argnames=("k", "iters", "chunk", "plusplus"))
-
-# k-means++ takes k sequential steps over all samples; beyond this many codes it would dominate the
-# fit (hours on CPU for k=65536), so larger vocabularies start from random samples instead.
-MAX_PLUSPLUS_K = 4096
-
-
-def _default_chunk(n: int, k: int, max_elems: int = 1 << 22) -> int:
-    """Samples per chunk so a (chunk, K) float32 distance block stays around 16 MiB."""
-    return int(max(1, min(n, max(256, max_elems // k))))
-
-
-def kmeans(x: Array, k: int, *, iters: int = 20, seed: int = 0, chunk_size: int | None = None,
-           init_codebook: Array | None = None) -> State:
-    """Fit k-means to x (n, D): greedy k-means++ seeding (random distinct samples when
-    k > MAX_PLUSPLUS_K; or `init_codebook` (k, D), e.g. to warm start), then `iters` Lloyd
-    iterations with empty-cluster re-seeding, all in one jitted program.
-
-    Deterministic given `seed` (and the device). Returns {'codebook': (k, D) float32,
-    'counts': (k,) int32 assignments of x to the final codebook, 'inertia': () mean sq. distance}.
-    """
-    x = jnp.asarray(x, jnp.float32)
-    n, d = x.shape
-    if not 1 <= k <= n:
-        raise ConfigError(f"k-means: k={k} clusters need at least k samples, got {n}; use more samples or a smaller k")
-    if init_codebook is not None:
-        init_codebook = jnp.asarray(init_codebook, jnp.float32)
-        if init_codebook.shape != (k, d):
-            raise ValueError(f"init_codebook has shape {init_codebook.shape}, expected {(k, d)}")
-    chunk = chunk_size or _default_chunk(n, k)
-    centers, counts, inertia = _kmeans_jit(x, init_codebook, jax.random.key(seed), k=k, iters=iters, chunk=chunk,
-                                           plusplus=k <= MAX_PLUSPLUS_K)
-    return {"codebook": centers, "counts": counts, "inertia": inertia}
-
-
-# ----------------------------------------------------------------------------------------------
 # Target interface
 # ----------------------------------------------------------------------------------------------
 
@@ -265,14 +95,6 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean of values (B, N) over positions where mask (B, N) is True; 0 if nothing is masked."""
     m = mask.astype(jnp.float32)
     return jnp.sum(values * m) / jnp.maximum(jnp.sum(m), 1.0)
-
-
-def _check_int(name: str, value: Any, lo: int, hi: int | None = None, fix: str = "") -> int:
-    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-    if ok and value >= lo and (hi is None or value <= hi):
-        return int(value)
-    allowed = f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
-    raise ConfigError(f"{name}={value!r} is invalid: must be {allowed}{'; ' + fix if fix else ''}")
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
@@ -310,6 +132,9 @@ def _images_of(batch: Any) -> np.ndarray:
     return images
 
 
+TARGETS: Registry = Registry("target", "target.name")
+
+
 class Target(abc.ABC):
     """A pretraining target. Subclasses set `name` and implement `compute` and `loss`.
 
@@ -320,8 +145,8 @@ class Target(abc.ABC):
     name: ClassVar[str]
 
     def __init__(self, *, patch_size: int, channels: int = 3):
-        self.patch_size = _check_int("model.patch_size", patch_size, 1)
-        self.channels = _check_int("data.channels", channels, 1)
+        self.patch_size = Integer(min=1)(patch_size, "model.patch_size")
+        self.channels = Integer(min=1)(channels, "data.channels")
 
     @property
     def patch_dim(self) -> int:
@@ -392,6 +217,7 @@ class Target(abc.ABC):
         return state
 
 
+@TARGETS.register("kmeans")
 class KMeansTarget(Target):
     """k-means tokens of per-patch-normalised pixel patches; cross-entropy at masked patches.
 
@@ -403,13 +229,12 @@ class KMeansTarget(Target):
     def __init__(self, *, patch_size: int, channels: int = 3, vocab_size: int = 512, num_samples: int = 100_000,
                  iters: int = 20, patches_per_image: int | None = None):
         super().__init__(patch_size=patch_size, channels=channels)
-        self.vocab_size = _check_int("target.vocab_size", vocab_size, 2, 65536)
-        self.num_samples = _check_int(
-            "target.num_samples", num_samples, self.vocab_size,
-            fix=f"k-means needs at least vocab_size={self.vocab_size} patches to fit")
-        self.iters = _check_int("target.iters", iters, 1)
+        self.vocab_size = Integer(min=2, max=65536)(vocab_size, "target.vocab_size")
+        self.num_samples = Integer(min=self.vocab_size)(
+            num_samples, "target.num_samples", f"(k-means needs at least vocab_size={self.vocab_size} patches)")
+        self.iters = Integer(min=1)(iters, "target.iters")
         self.patches_per_image = (
-            None if patches_per_image is None else _check_int("target.patches_per_image", patches_per_image, 1)
+            None if patches_per_image is None else Integer(min=1)(patches_per_image, "target.patches_per_image")
         )
 
     @property
@@ -450,8 +275,10 @@ class KMeansTarget(Target):
     def fit(self, images_iterator: Iterable[Any], *, rng: np.random.Generator | int,
             num_samples: int | None = None) -> State:
         rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
-        num_samples = self.num_samples if num_samples is None else _check_int(
-            "target.num_samples", num_samples, self.vocab_size)
+        if num_samples is None:
+            num_samples = self.num_samples
+        else:
+            num_samples = Integer(min=self.vocab_size)(num_samples, "target.num_samples")
         t0 = time.perf_counter()
         x = self.sample_patches(images_iterator, rng, num_samples)
         t1 = time.perf_counter()
@@ -510,6 +337,7 @@ class KMeansTarget(Target):
         return float(counts.max() / max(counts.sum(), 1.0))
 
 
+@TARGETS.register("pixel")
 class PixelTarget(Target):
     """MAE-style tokenizer-free target: regress (per-patch normalised) pixels, MSE at masked patches."""
 
@@ -517,9 +345,7 @@ class PixelTarget(Target):
 
     def __init__(self, *, patch_size: int, channels: int = 3, normalize: bool = True):
         super().__init__(patch_size=patch_size, channels=channels)
-        if not isinstance(normalize, (bool, np.bool_)):
-            raise ConfigError(f"target.normalize={normalize!r} is invalid: must be true or false")
-        self.normalize = bool(normalize)
+        self.normalize = Boolean()(normalize, "target.normalize")
 
     @property
     def num_outputs(self) -> int:
@@ -536,33 +362,11 @@ class PixelTarget(Target):
         return mse, {"mse": mse}
 
 
-TARGETS: dict[str, type[Target]] = {
-    KMeansTarget.name: KMeansTarget,
-    PixelTarget.name: PixelTarget,
-}
-
-
-def make_target(name: str, /, *, patch_size: int, **cfg_kwargs: Any) -> Target:
-    """Build a target from its config, e.g. `make_target(cfg.target.name, patch_size=16, **cfg.target)`.
-
-    `name` in cfg_kwargs is ignored (it must agree), `path` is ignored (see `fit_or_load`).
-    Unknown names/options raise ConfigError before any heavy work.
-    """
-    if name not in TARGETS:
-        raise ConfigError(f"target.name={name!r} is unknown; choose one of {sorted(TARGETS)}")
-    cfg = dict(cfg_kwargs)
-    cfg_name = cfg.pop("name", name)
-    if cfg_name != name:
-        raise ConfigError(f"target.name: make_target got {name!r} but the config says {cfg_name!r}; use one name")
-    cfg.pop("path", None)
-    cls = TARGETS[name]
-    allowed = {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "patch_size")}
-    unknown = sorted(set(cfg) - allowed)
-    if unknown:
-        raise ConfigError(
-            f"target.{unknown[0]}: unknown option for target {name!r}; allowed: {sorted(allowed | {'name', 'path'})}"
-        )
-    return cls(patch_size=patch_size, **cfg)
+def make_target(name: str, /, *, patch_size: int, channels: int = 3, **options: Any) -> Target:
+    """Build a target from its config group, e.g. `make_target(cfg.target.name, patch_size=16, **cfg.target)`: the
+    group's `name` and `path` keys are not options (`path` is for `fit_or_load`); unknown names and options raise
+    one ConfigError before any heavy work."""
+    return TARGETS.build(name, config=options, ignore=("name", "path"), patch_size=patch_size, channels=channels)
 
 
 def fit_or_load(

@@ -23,7 +23,7 @@ import optax
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sslvit.errors import ConfigError
+from sslvit.distributed import is_main_process
 from sslvit.finetune_modes import merge
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ def fit(*, state: TrainState, step_fn, batches: Iterator[dict], total_steps: int
     from tqdm import tqdm  # noqa: PLC0415
 
     start = int(jax.device_get(state.step))
-    is_main = jax.process_index() == 0
+    is_main = is_main_process()
     bar = tqdm(total=total_steps, initial=start, desc=desc, disable=not (progress and is_main), dynamic_ncols=True)
     last: dict = {}
     t_last, step_last = time.perf_counter(), start
@@ -287,21 +287,16 @@ def fit(*, state: TrainState, step_fn, batches: Iterator[dict], total_steps: int
     return state, last
 
 
-def check_loop_config(cfg: Mapping) -> None:
-    """The top-level keys every training stage shares, as a user types them (`steps=ten`, `resume=maybe`)."""
-    for key in ("steps", "log_every", "ckpt_every"):
-        v = cfg.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ConfigError(f"{key}={v!r} must be an integer >= 1")
-    # Optional keys: checked when present (a stage's config may leave one out and use its default).
-    for key, minimum in (("seed", 0), ("keep_checkpoints", 1), ("max_nonfinite_streak", 1)):
-        v = cfg.get(key, minimum)
-        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-            raise ConfigError(f"{key}={v!r} must be an integer >= {minimum}")
-    v = cfg.get("eval_batches")
-    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-        raise ConfigError(f"eval_batches={v!r} must be an integer >= 0, or null for the whole test split")
-    for key in ("resume", "progress"):
-        v = cfg.get(key, False)
-        if not isinstance(v, bool):  # `resume=maybe` or `resume=1` must not silently mean true
-            raise ConfigError(f"{key}={v!r} must be true or false")
+def memory_report(compiled) -> dict:
+    """Peak memory of a compiled step from XLA's memory analysis: argument + output + temp buffers, minus the
+    outputs that alias donated arguments (counted once). Bytes; {} where the backend does not say."""
+    try:
+        ma = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - best-effort: some backends raise NotImplementedError
+        ma = None
+    if ma is None:
+        return {}
+    out = {name: int(getattr(ma, f"{name}_size_in_bytes", 0) or 0)
+           for name in ("argument", "output", "temp", "alias", "generated_code")}
+    out["peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out

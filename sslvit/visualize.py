@@ -115,18 +115,18 @@ class LoadedRun:
     image_size: int
     patch_size: int
     grid_hw: tuple[int, int]
+    data_cfg: Any  # the run's data group (sslvit.config.groups.DataConfig)
 
 
 def load_run(run: str | os.PathLike, step: int | None = None) -> LoadedRun:
-    """Rebuild the pretraining model of `run` from its checkpoint meta and load its weights and tokenizer."""
-    from sslvit import masking, targets  # noqa: PLC0415
+    """Rebuild the pretraining model of `run` with the pretraining stage's own builders, from the config saved in
+    its checkpoint meta, and load its weights and tokenizer."""
+    from sslvit import targets  # noqa: PLC0415
     from sslvit.checkpoint import load_params  # noqa: PLC0415
-    from sslvit.config import build_vit, to_dict  # noqa: PLC0415
-    from sslvit.models.mim import MaskedImageModel  # noqa: PLC0415
     from sslvit.pretrained import checkpoint_step  # noqa: PLC0415
+    from sslvit.pretraining import Pretraining  # noqa: PLC0415
+    from sslvit.rundir import run_dir_of_checkpoints  # noqa: PLC0415
 
-    if run is None or str(run).strip() in ("", "???"):  # '???': Hydra's unset mandatory value
-        raise ConfigError("run is not set: pass run=<a pretraining run dir> (the dir pretrain.py printed)")
     ckpt_dir, step = checkpoint_step(run, step)
     params, meta = load_params(ckpt_dir, step=step, subtree="params")
     if meta.get("stage") != "pretrain" or not isinstance(meta.get("config"), Mapping):
@@ -143,23 +143,18 @@ def load_run(run: str | os.PathLike, step: int | None = None) -> LoadedRun:
         batch_stats = {}
 
     cfg = dict(meta["config"])
-    model_cfg = dict(meta["model"])
-    encoder = build_vit(model_cfg, num_classes=0, use_mask_token=True)
-    target_cfg = to_dict(cfg["target"])
-    target = targets.make_target(target_cfg["name"], patch_size=encoder.patch_size, channels=encoder.channels,
-                                 **target_cfg)
-    run_dir = ckpt_dir.parent if ckpt_dir.name == "checkpoints" else ckpt_dir
+    cfg["target"] = dict(cfg["target"], path=None)  # the run's own tokenizer is loaded below
+    stage = Pretraining(cfg, run_dir=None)
+    run_dir = run_dir_of_checkpoints(ckpt_dir)
     target_state: dict = {}
-    if target.name == "kmeans":  # a target with a fitted state: the run's own copy of it
-        target_state = target.load(run_dir / targets.TOKENIZER_FILENAME)
-    mask_cfg = to_dict(cfg["mask"])
-    sampler = masking.make_mask_sampler(mask_cfg.pop("name"), encoder.grid_size, float(cfg["mask_ratio"]), **mask_cfg)
-    model = MaskedImageModel(encoder, int(meta.get("num_outputs", target.num_outputs)))
+    if stage.target.name == "kmeans":  # a target with a fitted state: the run's own copy of it
+        target_state = stage.target.load(run_dir / targets.TOKENIZER_FILENAME)
     variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-    return LoadedRun(run_dir=run_dir, step=step, config=cfg, model=model, variables=variables, target=target,
-                     target_state=target_state, sampler=sampler,
-                     image_size=encoder.grid_size[0] * encoder.patch_size, patch_size=encoder.patch_size,
-                     grid_hw=tuple(encoder.grid_size))
+    encoder = stage.encoder
+    return LoadedRun(run_dir=run_dir, step=step, config=cfg, model=stage.model, variables=variables,
+                     target=stage.target, target_state=target_state, sampler=stage.sampler,
+                     image_size=stage.image_size, patch_size=encoder.patch_size, grid_hw=tuple(encoder.grid_size),
+                     data_cfg=stage.data_cfg)
 
 
 @dataclasses.dataclass
@@ -252,31 +247,19 @@ def save_grid(rows: Sequence[Sequence[np.ndarray]], path: str | os.PathLike, tit
 
 
 # ------------------------------------------------------------------------------------------ stage
-def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        extra = " or null" if allow_none else ""
-        raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}{extra}")
-    return value
-
-
 def visualize(cfg: Mapping, out: str | os.PathLike | None = None) -> dict:
     """Draw the grid for `cfg` (keys of conf/visualize.yaml: run, step, num_images, seed, split, data_dir, scale,
     out); returns {'path', 'metric_name', 'metric', 'num_images', 'step', 'size': (height, width)}."""
-    num_images = _check_int("num_images", cfg.get("num_images", 8), 1)
-    seed = _check_int("seed", cfg.get("seed", 0), 0)
-    step = _check_int("step", cfg.get("step"), 0, allow_none=True)
-    scale = _check_int("scale", cfg.get("scale"), 1, allow_none=True)
-    lr = load_run(cfg.get("run"), step)
+    from sslvit.config.stages import VisualizeConfig  # noqa: PLC0415
+
+    c = VisualizeConfig.parse(cfg)
+    num_images, seed, scale = c.num_images, c.seed, c.scale
+    lr = load_run(c.run, c.step)
 
     from sslvit import data as data_lib  # noqa: PLC0415  (TensorFlow: only once the run is known to be good)
 
-    data_cfg = dict(lr.config["data"])
-    if cfg.get("data_dir"):
-        data_cfg["data_dir"] = cfg["data_dir"]
-    dc = data_lib.DataConfig.from_cfg(data_cfg)
-    it = data_lib.make_eval_iterator(dc, cfg.get("split"), batch_size=num_images, image_size=lr.image_size)
+    dc = lr.data_cfg.replace(data_dir=c.data_dir) if c.data_dir else lr.data_cfg
+    it = data_lib.make_eval_iterator(dc, c.split, batch_size=num_images, image_size=lr.image_size)
     batch = next(iter(it))
     images = np.asarray(batch["image"])[np.asarray(batch["valid"], bool)]
     mask = lr.sampler(np.random.default_rng(seed), len(images))
@@ -292,7 +275,7 @@ def visualize(cfg: Mapping, out: str | os.PathLike | None = None) -> dict:
         what = f"masked-patch MSE on these {len(images)} images: {panels.metric:.4f} (pixel target)"
     title = (f"{lr.run_dir.name} @ step {lr.step}: {lr.sampler.name} mask, {lr.sampler.num_masked}/"
              f"{lr.sampler.num_patches} patches\n{what}")
-    path = Path(out or cfg.get("out") or lr.run_dir / OUTPUT_FILE)
+    path = Path(out or c.out or lr.run_dir / OUTPUT_FILE)
     size = save_grid(rows, path, title)
     log.info("wrote %s (%dx%d px); %s", path, size[1], size[0], what)
     return {"path": str(path), "metric_name": panels.metric_name, "metric": panels.metric,

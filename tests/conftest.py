@@ -37,18 +37,24 @@ def hydra_compose() -> Callable:
     return compose_config
 
 
-def _cifar_dir() -> str | None:
+def cifar10_dir() -> str | None:
+    """The tfds data dir holding CIFAR-10 ($TFDS_DATA_DIR), or None."""
     d = os.environ.get("TFDS_DATA_DIR")
     return d if d and (Path(d) / "cifar10").is_dir() else None
+
+
+NO_CIFAR10 = ("CIFAR-10 not prepared: set TFDS_DATA_DIR to a tfds data dir holding cifar10 "
+              "(e.g. ../shared/tensorflow_datasets); no internet here")
+# The one availability check of the integration tests: `@requires_cifar10`, or the `tfds_cifar10` fixture.
+requires_cifar10 = pytest.mark.skipif(cifar10_dir() is None, reason=NO_CIFAR10)
 
 
 @pytest.fixture(scope="session")
 def tfds_cifar10() -> str:
     """The tfds data dir holding CIFAR-10 (skips the test when there is none)."""
-    d = _cifar_dir()
+    d = cifar10_dir()
     if d is None:
-        pytest.skip("CIFAR-10 not prepared: set TFDS_DATA_DIR to a tfds data dir holding cifar10 "
-                    "(e.g. ../shared/tensorflow_datasets)")
+        pytest.skip(NO_CIFAR10)
     return d
 
 

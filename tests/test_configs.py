@@ -1,6 +1,5 @@
 """Every shipped config composes and passes validation (cheap: nothing is trained or read)."""
 
-from pathlib import Path
 
 import pytest
 from conftest import CONF_DIR, compose_config
@@ -14,14 +13,15 @@ MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_recipes_compose_and_validate(experiment):
     cfg = compose_config("pretrain", [f"experiment={experiment}"])
-    Pretraining(cfg, "/tmp/unused")  # validates the model, mask, target, optimiser and data config
+    p = Pretraining(cfg, None)  # validates the model, mask, target, optimiser and data config
+    assert p.config.steps == cfg.steps and p.encoder.stem == cfg.stem.name and p.target.name == cfg.target.name
 
 
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("stem", ["linear", "conv", "hmlp"])
 def test_every_model_preset_builds_with_every_stem(model, stem):
     cfg = compose_config("pretrain", [f"model={model}", f"stem={stem}"])
-    p = Pretraining(cfg, "/tmp/unused")
+    p = Pretraining(cfg, None)
     assert p.encoder.stem == stem
 
 
@@ -38,3 +38,35 @@ def test_paper_recipe_values():
     assert (cfg.model.depth, cfg.model.num_parallel_branches, cfg.model.dim) == (18, 2, 768)
     assert cfg.stem.name == "hmlp" and cfg.data.name == "imagenet2012" and cfg.batch_size == 2048
     assert cfg.optim.clip_grad_norm == 3.0 and cfg.optim.weight_decay == 0.05
+
+
+@pytest.mark.parametrize("script,overrides", [
+    ("pretrain", []), ("finetune", ["run=null"]), ("linear_probe", ["run=/some/run"]),
+    ("visualize", ["run=/some/run"]),
+])
+def test_every_script_config_parses_with_its_schema(script, overrides):
+    from sslvit.config.stages import FinetuneConfig, LinearProbeConfig, PretrainConfig, VisualizeConfig
+
+    schema = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "linear_probe": LinearProbeConfig,
+              "visualize": VisualizeConfig}[script]
+    cfg = compose_config(script, overrides)
+    parsed = schema.parse(cfg)
+    assert set(cfg.keys()) <= set(parsed.to_dict())  # every key of the YAML is declared in the schema
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("+model.dimm=64", "model.dimm is not a key of model: the keys are"),
+    ("+optim.lrr=5", "optim.lrr is not a key of optim"),
+    ("+stem.width=3", "stem.width is not an option of stem 'hmlp': its options are name, norm"),
+    ("+mask.min_ratio=0.3", "mask.min_ratio is not an option of mask sampler 'block'"),
+    ("+target.codes=8", "target.codes is not an option of target 'kmeans'"),
+    ("+data.paths=/x", "data.paths is not a key of data"),
+    ("+stepz=3", "stepz is not a key of this config"),
+])
+def test_keys_added_with_plus_are_rejected_in_one_line(override, expected):
+    from sslvit.config.stages import PretrainConfig
+    from sslvit.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        PretrainConfig.parse(compose_config("pretrain", [override]))
+    assert expected in str(err.value) and "\n" not in str(err.value)

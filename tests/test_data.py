@@ -17,16 +17,12 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
+from conftest import cifar10_dir, requires_cifar10
+
 from sslvit import data
 from sslvit.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
-TFDS_DIR = os.environ.get("TFDS_DATA_DIR")
-needs_cifar = pytest.mark.skipif(
-    not TFDS_DIR or not (Path(TFDS_DIR) / "cifar10").is_dir(),
-    reason="CIFAR-10 not prepared: set TFDS_DATA_DIR to a tfds data dir holding cifar10 "
-    "(e.g. ../shared/tensorflow_datasets)",
-)
 ONE = dict(process_index=0, process_count=1)
 
 
@@ -48,7 +44,7 @@ def digest(image: np.ndarray) -> str:
 # ---------------------------------------------------------------------------------------------- CIFAR-10 (real)
 
 
-@needs_cifar
+@requires_cifar10
 def test_cifar_info_from_metadata():
     info = data.dataset_info(cifar_cfg())
     assert (info.num_classes, info.num_train, info.num_test) == (10, 50_000, 10_000)
@@ -58,7 +54,7 @@ def test_cifar_info_from_metadata():
     assert info.steps_per_epoch(128, process_count=2) == 25_000 // 128
 
 
-@needs_cifar
+@requires_cifar10
 def test_cifar_train_batches_shapes_and_normalisation():
     cfg = cifar_cfg(train_split="train[:1024]")
     plain = data.make_train_iterator(cfg, batch_size=128, image_size=32, seed=0, augment=False, **ONE)
@@ -85,7 +81,7 @@ def test_cifar_train_batches_shapes_and_normalisation():
         assert b["image"].shape == (16, 48, 48, 3)
 
 
-@needs_cifar
+@requires_cifar10
 def test_cifar_full_crop_is_identity_or_mirror():
     """crop_scale (1, 1) keeps the whole image: each augmented image is the plain one or its mirror image."""
     cfg = cifar_cfg(train_split="train[:256]")
@@ -98,7 +94,7 @@ def test_cifar_full_crop_is_identity_or_mirror():
     assert 0.3 < mirrored.mean() < 0.7
 
 
-@needs_cifar
+@requires_cifar10
 def test_cifar_determinism_and_epochs_are_permutations():
     cfg = cifar_cfg(train_split="train[:256]")
     a = take(data.make_train_iterator(cfg, batch_size=64, image_size=32, seed=3, **ONE), 8)
@@ -123,7 +119,7 @@ def test_cifar_determinism_and_epochs_are_permutations():
     assert len({digest(im) for x in plain for im in x["image"]}) == 256
 
 
-@needs_cifar
+@requires_cifar10
 @pytest.mark.parametrize("cache", [True, False])
 def test_cifar_resume_equals_fresh_iterator(cache):
     """start_step=k yields batch k of a fresh iterator, bit for bit, also across epoch boundaries."""
@@ -137,12 +133,12 @@ def test_cifar_resume_equals_fresh_iterator(cache):
             np.testing.assert_array_equal(batch["label"], fresh[k + j]["label"])
 
 
-@needs_cifar
+@requires_cifar10
 def test_cifar_eval_counts_each_example_once():
     import tensorflow_datasets as tfds
 
     cfg = cifar_cfg()
-    raw = tfds.load("cifar10", split="test[:300]", data_dir=TFDS_DIR, batch_size=-1)
+    raw = tfds.load("cifar10", split="test[:300]", data_dir=cifar10_dir(), batch_size=-1)
     raw_labels, raw_images = raw["label"].numpy(), raw["image"].numpy()
     expected = collections.Counter(raw_labels.tolist())
 
@@ -172,7 +168,7 @@ def test_cifar_eval_counts_each_example_once():
     assert collections.Counter(y for _, y in seen) == expected
 
 
-@needs_cifar
+@requires_cifar10
 def test_cifar_train_shards_are_disjoint():
     cfg = cifar_cfg(train_split="train[:256]")
     shards = []
@@ -186,7 +182,7 @@ def test_cifar_train_shards_are_disjoint():
     assert data.make_train_iterator(cfg, batch_size=256, image_size=32, seed=0).steps_per_epoch == 1
 
 
-@needs_cifar
+@requires_cifar10
 def test_batch_larger_than_split_is_rejected():
     with pytest.raises(ConfigError, match="batch_size=512"):
         data.make_train_iterator(cifar_cfg(train_split="train[:256]"), batch_size=512, image_size=32, seed=0, **ONE)
@@ -240,7 +236,7 @@ def test_missing_dataset_fails_fast_and_clearly(tmp_path):
 
 
 def test_missing_dataset_with_download_allowed_fails_fast_offline(tmp_path):
-    if data._network_problem() is None:
+    if data.network_problem() is None:
         pytest.skip("this machine reaches the internet: tfds would really download CIFAR-10")
     start = time.monotonic()
     with pytest.raises(ConfigError, match=r"could not be downloaded \(no network"):
@@ -256,13 +252,13 @@ def test_unknown_tfds_name():
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        ({"on_corrupt": "ignore"}, "data.on_corrupt='ignore' is not one of error, skip"),
+        ({"on_corrupt": "ignore"}, "data.on_corrupt='ignore' must be one of error, skip"),
         ({"crop_scale": [0.8, 0.2]}, r"data.crop_scale=\[0.8, 0.2\] must satisfy"),
         ({"mean": [125.3, 123.0, 113.9]}, "data.mean=.* in \\[0, 1\\] pixel units"),
         ({"std": [0.2, 0.2]}, "data.std=.* list of 3 numbers"),
         ({"shuffle_buffer": 0}, "data.shuffle_buffer=0 must be an integer >= 1"),
-        ({"eval_crop_pct": 1.5}, r"data.eval_crop_pct=1.5 must be in \(0, 1\]"),
-        ({"shufle_buffer": 10}, "data.shufle_buffer is not a data config key"),
+        ({"eval_crop_pct": 1.5}, r"data.eval_crop_pct=1.5 must be a number in \(0, 1\]"),
+        ({"shufle_buffer": 10}, "data.shufle_buffer is not a key of data"),
     ],
 )
 def test_bad_config_values_rejected_in_one_line(overrides, match):
@@ -272,10 +268,15 @@ def test_bad_config_values_rejected_in_one_line(overrides, match):
     assert "\n" not in str(err.value)
 
 
-def test_all_data_configs_parse():
+def test_all_data_configs_parse(tmp_path):
     for name in ("cifar10", "imagenet2012", "folder"):
-        dc = data.DataConfig.from_cfg(OmegaConf.load(CONF / f"{name}.yaml"))
-        assert dc.name == name
+        cfg = OmegaConf.load(CONF / f"{name}.yaml")
+        if name == "folder":
+            with pytest.raises(ConfigError, match=r"data.path is not set: pass data.path=\.\.\. \(the folder"):
+                data.DataConfig.from_cfg(cfg)
+            cfg.path = str(tmp_path)
+        dc = data.DataConfig.from_cfg(cfg)
+        assert dc.name == name and dc.source_name == ("folder" if name == "folder" else "tfds")
     with pytest.raises(ConfigError, match="crop_scale"):
         next(data.make_train_iterator(cifar_cfg(), batch_size=8, image_size=32, seed=0, crop_scale=(0, 1), **ONE))
 

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import CONF_DIR, compose_config
+from conftest import CONF_DIR, cifar10_dir, compose_config
 
 from sslvit import ConfigError
 from sslvit.distributed import KEYS, resolve, slurm_num_tasks
@@ -21,123 +21,9 @@ from sslvit.distributed import KEYS, resolve, slurm_num_tasks
 REPO = CONF_DIR.parent
 RESULTS = "results.json"
 
-# Every worker starts alike: process `pid` of `n` (n=1: a plain single-process run), CPU collectives over gloo;
-# the script's own arguments follow in `args`.
-PRELUDE = r"""
-import json, logging, sys
-pid, n, port, args = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:]
-logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-import jax
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-from sslvit.distributed import maybe_initialize
-assert maybe_initialize({"coordinator_address": f"127.0.0.1:{port}", "num_processes": n, "process_id": pid}) == (n > 1)
-import jax.numpy as jnp, numpy as np
-from conftest import TINY_PRETRAIN, compose_config as compose
-"""
-
-PRETRAIN_WORKER = PRELUDE + r"""
-run_dir, = args
-from sslvit import optim
-from sslvit.pretraining import Pretraining
-from sslvit.train import batch_sharding, make_mesh, make_train_step, replicated, to_global
-
-# (a) Synthetic data, global batch 16: each process feeds its own 16/n rows.
-cfg = compose("pretrain", TINY_PRETRAIN + ["model.drop_path=0.0", "batch_size=16"])
-p = Pretraining(cfg, "/tmp/unused")
-mesh = make_mesh()
-opt, _ = optim.make_optimizer(cfg.optim, jax.eval_shape(p.init_state_params), total_steps=10)
-state = jax.jit(lambda: p.init_state(opt), out_shardings=replicated(mesh))()
-rng = np.random.default_rng(0)
-images = rng.normal(size=(16, 32, 32, 3)).astype(np.float32)
-consts = {"codebook": jnp.asarray(rng.normal(size=(64, 48)).astype(np.float32)), "counts": jnp.ones(64, jnp.int32)}
-step = jax.jit(make_train_step(p.loss_fn, opt, seed=0), donate_argnums=(0,),
-               out_shardings=(replicated(mesh), replicated(mesh)))
-rows = slice(pid * 16 // n, (pid + 1) * 16 // n)
-losses = []
-for i in range(3):
-    mask = p.sampler(np.random.default_rng(i), 16)
-    batch = to_global({"image": images[rows], "mask": mask[rows]}, batch_sharding(mesh))
-    state, m = step(state, batch, consts)
-    losses.append(float(m["loss"]))
-out = {"process": jax.process_index(), "processes": jax.process_count(), "devices": jax.device_count(),
-       "losses": losses, "local_rows": int(batch["image"].addressable_shards[0].data.shape[0])}
-
-# (b) The real stage on CIFAR-10, both processes into one run dir: 4 steps and the test-set evaluation, then a
-# resumed run to step 12 that only process 1 is told to stop (SIGTERM) once step 6 is logged.
-if run_dir != "-":
-    import os, signal, threading, time
-    from sslvit.metrics import read_metrics
-    from sslvit.pretraining import pretrain
-    from sslvit.train import Preempted
-    common = TINY_PRETRAIN + ["log_every=1", "ckpt_every=2", "batch_size=16", "target.num_samples=1000",
-                              "eval_batches=1", "data.train_split='train[:512]'"]
-    res = pretrain(compose("pretrain", common + ["steps=4"]), run_dir)
-    out["stage"] = {k: res.get(k) for k in ("train_loss", "test_accuracy", "test_batches")}
-    if pid == 1:
-        def watch():
-            while not any(r["step"] >= 6 for r in read_metrics(run_dir)):
-                time.sleep(0.02)
-            os.kill(os.getpid(), signal.SIGTERM)
-        threading.Thread(target=watch, daemon=True).start()
-    try:
-        pretrain(compose("pretrain", common + ["steps=12", "ckpt_every=100", "resume=true"]), run_dir)
-        out["stopped_at"] = None
-    except Preempted as e:
-        out["stopped_at"] = e.step
-print("RESULT " + json.dumps(out), flush=True)
-"""
-
-
-# The fine-tuning or linear-probe stage on CIFAR-10 from the tiny pretraining run (`run`), into `out_dir`. The pair
-# shares `out_dir`; the 1-process reference (n=1) trains on the pair's global batches: shard 0's rows, then shard
-# 1's, read through the same iterator with process_index/process_count given. Reports each step's loss, this
-# process's rows of the first batch, the probe classifiers and the files this process wrote (Path.write_text).
-STAGE_WORKER = PRELUDE + r"""
-import hashlib
-from pathlib import Path
-stage, run, out_dir, *overrides = args
-written, write_text = [], Path.write_text
-def recording_write_text(self, *a, **k):
-    written.append(Path(self).name)
-    return write_text(self, *a, **k)
-Path.write_text = recording_write_text
-import sslvit.data as data_lib
-if n == 1:
-    make = data_lib.make_train_iterator
-    def both_shards(cfg, *, batch_size, **kw):
-        halves = [make(cfg, batch_size=batch_size // 2, process_index=i, process_count=2, **kw) for i in range(2)]
-        return ({k: np.concatenate([b[k] for b in pair]) for k in pair[0]} for pair in zip(*halves))
-    data_lib.make_train_iterator = both_shards
-out = {"process": jax.process_index(), "processes": jax.process_count(), "losses": []}
-cfg = compose(stage, [f"run={run}", "progress=false", *overrides])
-if stage == "finetune":
-    import sslvit.finetune as stage_lib
-    fit = stage_lib.fit
-    def recording_fit(*, step_fn, **kw):
-        def step(state, batch, consts):
-            if not out["losses"]:
-                out["first_labels"] = np.asarray(batch["label"].addressable_shards[0].data).tolist()
-            state, metrics = step_fn(state, batch, consts)
-            out["losses"].append(float(metrics["loss"]))
-            return state, metrics
-        return fit(step_fn=step, **kw)
-    stage_lib.fit = recording_fit
-    results = stage_lib.finetune(cfg, out_dir)
-    results.pop("model")
-else:
-    import sslvit.probe as stage_lib
-    train = stage_lib.train_linear_probes
-    def recording_train(*a, **kw):
-        params = train(*a, **kw)
-        out["classifiers_sha256"] = hashlib.sha256(np.asarray(params["w"]).tobytes() +
-                                                   np.asarray(params["b"]).tobytes()).hexdigest()
-        out["w"] = np.asarray(params["w"]).tolist()
-        return params
-    stage_lib.train_linear_probes = recording_train
-    results = stage_lib.linear_probe(cfg, out_dir)
-out["results"], out["written"] = results, written
-print("RESULT " + json.dumps(out, default=str), flush=True)
-"""
+# Worker scripts (tests/workers/): process `pid` of `n` (n=1: a plain single-process run), CPU collectives over
+# gloo; each prints one RESULT line.
+WORKERS = REPO / "tests" / "workers"
 
 
 def _free_port() -> int:
@@ -146,15 +32,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(worker: str, pid: int, n: int, port: int, *args: str) -> subprocess.Popen:
-    """Process `pid` of `n` running `worker` (PRELUDE + a script) with `args`; one CPU device per process."""
-    env = dict(os.environ, PYTHONPATH=f"{REPO / 'tests'}{os.pathsep}{REPO}", JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1", TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.Popen([sys.executable, "-c", worker, str(pid), str(n), str(port), *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start_worker(worker: str, pid: int, n: int, port: int, *args: str, devices: int = 1) -> subprocess.Popen:
+    """Process `pid` of `n` running tests/workers/<worker>.py with `args`; `devices` CPU devices per process."""
+    env = dict(os.environ, PYTHONPATH=f"{WORKERS}{os.pathsep}{REPO / 'tests'}{os.pathsep}{REPO}", JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.Popen([sys.executable, str(WORKERS / f"{worker}.py"), str(pid), str(n), str(port),
+                             *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[dict, str]:
+def finish_worker(proc: subprocess.Popen, timeout: float = 240) -> tuple[dict, str]:
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -165,20 +51,15 @@ def _finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[dict, str]:
     return json.loads(line[len("RESULT "):]), stderr
 
 
-def _has_cifar10() -> bool:
-    d = os.environ.get("TFDS_DATA_DIR")
-    return bool(d and os.path.isdir(os.path.join(d, "cifar10")))
-
-
 @pytest.mark.slow
 def test_two_processes_train_in_lockstep_and_match_one_process(tmp_path):
-    real = _has_cifar10()
+    real = cifar10_dir() is not None
     run_dir = tmp_path / "run"
     port = _free_port()
     # All three at once: the reference run overlaps the pair's start-up.
-    procs = [_start(PRETRAIN_WORKER, i, 2, port, run_dir if real else "-") for i in range(2)]
-    procs.append(_start(PRETRAIN_WORKER, 0, 1, 0, "-"))
-    (p0, err0), (p1, err1), (one, _) = [_finish(p) for p in procs]
+    procs = [start_worker("synthetic_steps", i, 2, port, run_dir if real else "-", 16) for i in range(2)]
+    procs.append(start_worker("synthetic_steps", 0, 1, 0, "-", 16))
+    (p0, err0), (p1, err1), (one, _) = [finish_worker(p) for p in procs]
 
     assert (p0["process"], p1["process"]) == (0, 1)
     assert p0["processes"] == p1["processes"] == 2 and p0["devices"] == 2 and p0["local_rows"] == 8
@@ -213,9 +94,9 @@ def _stage_pair_and_reference(stage: str, run, tmp_path, overrides: list[str]):
     """Process 0 and 1 of a 2-process run into tmp_path/pair and the 1-process reference into tmp_path/one, all
     three at once."""
     port = _free_port()
-    procs = [_start(STAGE_WORKER, i, 2, port, stage, run, tmp_path / "pair", *overrides) for i in range(2)]
-    procs.append(_start(STAGE_WORKER, 0, 1, 0, stage, run, tmp_path / "one", *overrides))
-    (p0, err0), (p1, err1), (one, _) = [_finish(p) for p in procs]
+    procs = [start_worker("stage_pair", i, 2, port, stage, run, tmp_path / "pair", *overrides) for i in range(2)]
+    procs.append(start_worker("stage_pair", 0, 1, 0, stage, run, tmp_path / "one", *overrides))
+    (p0, err0), (p1, err1), (one, _) = [finish_worker(p) for p in procs]
     assert (p0["process"], p1["process"], p0["processes"], p1["processes"], one["processes"]) == (0, 1, 2, 2, 1)
     # Results and logs from process 0 only.
     assert p0["written"] == [RESULTS] and p1["written"] == [], (p0["written"], p1["written"])
@@ -301,9 +182,9 @@ def test_slurm_and_explicit_settings():
     ({"coordinator_address": "h:1", "num_processes": 2, "process_id": 2}, {}, "process_id=2 must be < "),
     ({"coordinator_address": "h", "num_processes": 2, "process_id": 0}, {}, "must be host:port"),
     ({"coordinator_address": "h:1", "num_processes": "two", "process_id": 0}, {}, "num_processes='two'"),
-    ({"enabled": "yes"}, {}, "distributed.enabled='yes' must be auto, true or false"),
+    ({"enabled": "yes"}, {}, "distributed.enabled='yes' must be one of auto, true, false"),
     ({"enabled": True}, {}, "no cluster found"),
-    ({"coordinator": "h:1"}, {}, "distributed.coordinator is not a distributed key"),
+    ({"coordinator": "h:1"}, {}, "distributed.coordinator is not a key of distributed: the keys are"),
 ])
 def test_bad_settings_are_one_line_errors(cfg, env, match):
     with pytest.raises(ConfigError, match=match) as e:

@@ -10,8 +10,11 @@ import pytest
 from flax import traverse_util
 
 from sslvit.errors import ConfigError
-from sslvit.finetune import Finetuning, count_params, memory_report, mix_batch, smooth_one_hot
+from sslvit.finetune import Finetuning
 from sslvit.finetune_modes import FINETUNE_MODES, trainable_paths
+from sslvit.mixup import mix_batch, smooth_one_hot
+from sslvit.stage import count_params
+from sslvit.train import memory_report
 from sslvit.models import resize_pos_embedding
 from sslvit.models.vit import branch_axis
 from sslvit.pretrained import load_into
@@ -39,9 +42,9 @@ def test_attn_only_trains_exactly_every_branch_attention(hydra_compose):
     from sslvit.train import make_mesh  # noqa: PLC0415
 
     mesh = make_mesh()
-    ft = Finetuning(hydra_compose("finetune", SMALL + ["finetune.mode=attn_only"]), "/tmp/unused")
+    ft = Finetuning(hydra_compose("finetune", SMALL + ["finetune.mode=attn_only"]), None)
     variables = ft.init_variables()
-    state, step, _ = ft.build(total_steps=3, mesh=mesh, variables=variables)
+    state, step = ft.build(mesh, 3, variables=ft.split(*variables))
     assert sorted(flat(state.params)) == ATTN_ONLY
     assert trainable_paths(state.all_params(), "attn_only") == ATTN_ONLY
     # The optimiser keeps state (Adam's two moments) for the trainable leaves only.
@@ -69,8 +72,8 @@ def test_attn_only_trains_exactly_every_branch_attention(hydra_compose):
 
     # No weight gradient and no optimiser state for frozen leaves: XLA's memory analysis of the compiled step
     # shows smaller buffers than full fine-tuning of the same model.
-    full = Finetuning(hydra_compose("finetune", SMALL + ["finetune.mode=full"]), "/tmp/unused")
-    full_state, full_step, _ = full.build(total_steps=3, mesh=mesh, variables=variables)
+    full = Finetuning(hydra_compose("finetune", SMALL + ["finetune.mode=full"]), None)
+    full_state, full_step = full.build(mesh, 3, variables=full.split(*variables))
     mem_full = memory_report(full_step.lower(full_state, full.abstract_batch(mesh), None).compile())
     mem_attn = memory_report(compiled)
     if mem_full:
@@ -79,7 +82,7 @@ def test_attn_only_trains_exactly_every_branch_attention(hydra_compose):
 
 
 def test_modes_select_the_intended_leaves(hydra_compose):
-    ft = Finetuning(hydra_compose("finetune", SMALL), "/tmp/unused")
+    ft = Finetuning(hydra_compose("finetune", SMALL), None)
     shape = (1, 16, 16, 3)
     params = jax.eval_shape(ft.model.init, jax.random.key(0), jnp.zeros(shape))["params"]
     every = sorted(flat(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), params)))
@@ -90,7 +93,7 @@ def test_modes_select_the_intended_leaves(hydra_compose):
                      "layers/mlp/fc2_bias", "layers/mlp/fc2_kernel", "pos_embedding"],
         "head_only": ["head/bias", "head/kernel"],
     }
-    assert set(expected) == set(FINETUNE_MODES)
+    assert set(expected) == set(FINETUNE_MODES.names())
     for mode, paths in expected.items():
         assert trainable_paths(params, mode) == paths, mode
 
@@ -156,15 +159,17 @@ def test_finetune_32px_checkpoint_at_48px(pretrain_run, hydra_compose, tmp_path)
     assert 0 < results["trainable_params"] < results["total_params"]
     assert results["peak_memory_bytes"] > 0 and results["step_time_s"] > 0
     meta = load_meta(tmp_path)
-    assert meta["stage"] == "finetune" and meta["model"]["image_size"] == 48 and meta["mode"] == "attn_only"
+    assert meta["stage"] == "finetune" and meta["encoder"]["model"]["image_size"] == 48 and meta["mode"] == "attn_only"
     assert (tmp_path / "results.json").exists()
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (["finetune.mode=attention"], r"unknown finetune.mode='attention': choose one of \['attn_only', 'full'"),
+    (["finetune.mode=attention"], r"finetune.mode='attention' is not a fine-tune mode: choose one of attn_only, full"),
+    (["finetune/mode=attn_only", "finetune.mode.head=yes"], r"finetune.mode.head='yes' must be true or false"),
+    (["finetune/mode=attn_only", "+finetune.mode.heads=false"], r"finetune.mode.heads is not an option of fine-tune mode 'attn_only'"),
     (["finetune.image_size=50"], r"finetune.image_size=50 is not divisible by the patch size 4"),
-    (["model.dim=128"], r"model.dim=128 conflicts with the checkpoint's dim=64"),
-    (["stem=linear"], r"stem='linear' conflicts with the checkpoint's stem='hmlp'"),
+    (["model.dim=128"], r"model.dim=128 conflicts with the checkpoint's model.dim=64"),
+    (["stem=linear"], r"stem.name='linear' conflicts with the checkpoint's stem.name='hmlp'"),
     (["model.image_size=48"], r"set finetune.image_size=48"),
     (["step=7"], r"step=7 is not a checkpoint"),
 ])

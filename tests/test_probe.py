@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from sslvit.errors import ConfigError
-from sslvit.probe import (POOLINGS, LinearProbe, ProbeConfig, default_layers, get_pooling, knn_accuracy,
-                          linear_probe, probe_accuracy, resolve_layers, standardize, train_linear_probes)
+from sslvit.config.groups import KnnOptions, ProbeOptions
+from sslvit.probe import (POOLINGS, LinearProbe, default_layers, get_pooling, knn_accuracy, linear_probe,
+                          probe_accuracy, resolve_layers, standardize, train_linear_probes)
 
 
 def test_layers_default_and_validation():
@@ -30,9 +31,10 @@ def test_pooling():
     np.testing.assert_array_equal(get_pooling("cls")(tokens), tokens[:, 0])
     np.testing.assert_allclose(get_pooling("mean")(tokens), tokens[:, 1:].mean(1))
     assert get_pooling("cls+mean")(tokens).shape == (2, 8)
-    with pytest.raises(ConfigError, match=r"pool='max' is not a probe pooling: choose one of"):
+    with pytest.raises(ConfigError, match=r"pool='max' is not a probe pooling: choose one of cls, cls\+mean, mean"):
         get_pooling("max")
     assert set(POOLINGS) == {"cls", "mean", "cls+mean"}
+    assert [POOLINGS.get(n).width for n in ("cls", "mean", "cls+mean")] == [1, 1, 2]
 
 
 def test_standardize_uses_train_statistics():
@@ -55,7 +57,7 @@ def test_classifiers_and_knn_on_synthetic_features():
     y = rng.integers(0, n_classes, n).astype(np.int32)
     x = np.stack([centers[y] + rng.normal(size=(n, f)), rng.normal(size=(n, f))]).astype(np.float32)
     xtr, xte = standardize(x[:, :600], x[:, 600:])
-    cfg = ProbeConfig.from_cfg({"epochs": 10, "batch_size": 64, "lr": 1e-2}, {"k": 10})
+    cfg = ProbeOptions.parse({"epochs": 10, "batch_size": 64, "lr": 1e-2})
     params = train_linear_probes(xtr, y[:600], n_classes, cfg, progress=False)
     assert params["w"].shape == (2, f, n_classes)
     acc = probe_accuracy(params, xte, y[600:])
@@ -65,10 +67,12 @@ def test_classifiers_and_knn_on_synthetic_features():
 
 
 def test_probe_config_validation():
-    for probe, knn, match in (({"epochs": 0}, {}, "probe.epochs=0"), ({"lr": -1}, {}, "probe.lr=-1"),
-                              ({}, {"k": 0}, "knn.k=0"), ({"epoch": 3}, {}, "unknown probe/knn key 'epoch'")):
+    for group, cfg, match in ((ProbeOptions, {"epochs": 0}, "probe.epochs=0 must be an integer >= 1"),
+                              (ProbeOptions, {"lr": -1}, r"probe.lr=-1 must be a number in \(0, 10\)"),
+                              (KnnOptions, {"k": 0}, "knn.k=0 must be an integer >= 1"),
+                              (ProbeOptions, {"epoch": 3}, "probe.epoch is not a key of probe: the keys are")):
         with pytest.raises(ConfigError, match=match):
-            ProbeConfig.from_cfg(probe, knn)
+            group.parse(cfg)
 
 
 # ---------------------------------------------------------------------------------------- with a real run
@@ -82,7 +86,7 @@ def test_probe_of_pretraining_run_beats_chance(pretrain_run, hydra_compose, tmp_
 
     cfg = hydra_compose("linear_probe", _probe_overrides(pretrain_run))
     probe = LinearProbe(cfg, tmp_path)
-    assert probe.layers == [1, 2] and probe.model_cfg["dim"] == 64  # rebuilt from the saved config
+    assert probe.layers == [1, 2] and probe.encoder_cfg["model"]["dim"] == 64  # rebuilt from the saved config
     # The probed encoder holds the checkpoint's weights.
     saved = load_params(pretrain_run)[0]["encoder"]
     params = probe.variables()["params"]
@@ -128,5 +132,5 @@ def test_bad_probe_input(hydra_compose, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="holds no checkpoint"):
         LinearProbe(hydra_compose("linear_probe", [f"run={tmp_path / 'empty'}"]), tmp_path / "out")
-    with pytest.raises(ConfigError, match="pool='token'"):
+    with pytest.raises(ConfigError, match="pool='token' is not a probe pooling"):
         LinearProbe(hydra_compose("linear_probe", [f"run={tmp_path / 'empty'}", "pool=token"]), tmp_path / "out")

@@ -162,11 +162,11 @@ def test_mask_ratio_plot_and_mixed_stages(tmp_path, hydra_compose):
     assert probe.keys == ["pretrain.mask_ratio"]  # not `run` (a path), not the probe's own unused keys
     assert [r["pretrain.mask_ratio"] for r in probe.rows] == [0.2, 0.6]
     ft = rep.tables["finetune"]
-    assert ft.keys == ["finetune.mode"]
+    assert ft.keys == ["finetune.mode.name"]
     runs = {r.stage: r for r in load_runs([tmp_path / "ft"])}
     # the encoder comes from results['model'] (conv), not the fine-tune config's unused stem default (hmlp)
     assert runs["finetune"].config["stem.name"] == "conv" and runs["finetune"].config["pretrain.mask_ratio"] == 0.4
-    assert {r["finetune.mode"]: r["peak_memory_mib"] for r in ft.rows} == {"full": 300.0, "attn_only": 270.0}
+    assert {r["finetune.mode.name"]: r["peak_memory_mib"] for r in ft.rows} == {"full": 300.0, "attn_only": 270.0}
     assert ft.metrics == ["test_top1", "trainable_params", "total_params", "peak_memory_mib"]
     names = {p.name for p in rep.files}
     assert {"report.md", "report.csv", "pretrain_by_option.png", "pretrain_vs_mask_ratio.png",
@@ -183,8 +183,8 @@ def test_mask_ratio_plot_and_mixed_stages(tmp_path, hydra_compose):
     write_run(run, hydra_compose("finetune", ["run=null"]),
               {"stage": "finetune", "source_run": None, "mode": "full", "test_top1": 0.5, "model": model})
     ft = build_tables(load_runs([tmp_path / "ft"]))["finetune"]
-    assert ft.keys == ["init", "finetune.mode"]
-    assert {(r["init"], r["finetune.mode"]): r["test_top1"] for r in ft.rows} == {
+    assert ft.keys == ["init", "finetune.mode.name"]
+    assert {(r["init"], r["finetune.mode.name"]): r["test_top1"] for r in ft.rows} == {
         ("pretrained", "attn_only"): 0.68, ("pretrained", "full"): 0.7, ("scratch", "full"): 0.5}
 
     # a probe of a fine-tuned encoder: the source's options are `source.*`, not `pretrain.*`
@@ -192,7 +192,7 @@ def test_mask_ratio_plot_and_mixed_stages(tmp_path, hydra_compose):
     write_run(run, hydra_compose("linear_probe", [f"run='{tmp_path / 'ft' / 'full'}'"]),
               {"stage": "linear_probe", "run": str(tmp_path / "ft" / "full"), "best_top1": 0.5, "model": model})
     (cfg,) = [r.config for r in load_runs([run])]
-    assert cfg["source.finetune.mode"] == "full" and not any(k.startswith("pretrain.") for k in cfg)
+    assert cfg["source.finetune.mode.name"] == "full" and not any(k.startswith("pretrain.") for k in cfg)
 
 
 def test_config_from_checkpoint_meta(tmp_path):

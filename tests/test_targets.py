@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from sslvit.errors import ConfigError
+from sslvit import kmeans as K
 from sslvit import targets as T
 
 
@@ -73,8 +74,8 @@ def _blobs(seed, k=8, per=150, d=16, spread=10.0):
 def test_kmeans_recovers_blobs(seed):
     x, labels = _blobs(seed)
     # small chunk: exercises the chunked pass with a padded last chunk (1200 = 4 * 256 + 176)
-    res = T.kmeans(x, 8, iters=10, seed=seed, chunk_size=256)
-    assign = np.asarray(jnp.argmin(T.squared_distances(jnp.asarray(x), res["codebook"]), -1))
+    res = K.kmeans(x, 8, iters=10, seed=seed, chunk_size=256)
+    assign = np.asarray(jnp.argmin(K.squared_distances(jnp.asarray(x), res["codebook"]), -1))
     # purity 1 both ways: each blob maps to exactly one code and the codes are distinct
     mapping = {lab: set(assign[labels == lab]) for lab in range(8)}
     assert all(len(v) == 1 for v in mapping.values()), mapping
@@ -85,9 +86,9 @@ def test_kmeans_recovers_blobs(seed):
 
 def test_kmeans_deterministic_given_seed():
     x, _ = _blobs(3, k=5, d=6, spread=2.0)  # overlapping blobs: the result depends on the init
-    a = T.kmeans(x, 16, iters=5, seed=7)
-    b = T.kmeans(x, 16, iters=5, seed=7)
-    c = T.kmeans(x, 16, iters=5, seed=8)
+    a = K.kmeans(x, 16, iters=5, seed=7)
+    b = K.kmeans(x, 16, iters=5, seed=7)
+    c = K.kmeans(x, 16, iters=5, seed=8)
     np.testing.assert_array_equal(np.asarray(a["codebook"]), np.asarray(b["codebook"]))
     np.testing.assert_array_equal(np.asarray(a["counts"]), np.asarray(b["counts"]))
     assert not np.array_equal(np.asarray(a["codebook"]), np.asarray(c["codebook"]))
@@ -97,17 +98,17 @@ def test_kmeans_reseeds_empty_clusters():
     x, _ = _blobs(4, k=3, per=50, d=4)
     # codes 0 and 1 identical (ties go to 0, so 1 starts empty) and code 3 far from all data
     init = np.stack([x[0], x[0], x[60], np.full(4, 1e3, np.float32)])
-    res = T.kmeans(x, 4, iters=1, init_codebook=init)
+    res = K.kmeans(x, 4, iters=1, init_codebook=init)
     counts = np.asarray(res["counts"])
     assert counts.sum() == len(x) and np.all(counts > 0), counts
     # without the re-seeding step those two codes would have stayed empty
-    dist = T.squared_distances(jnp.asarray(x), jnp.asarray(init))
+    dist = K.squared_distances(jnp.asarray(x), jnp.asarray(init))
     assert np.bincount(np.asarray(jnp.argmin(dist, -1)), minlength=4)[[1, 3]].tolist() == [0, 0]
 
 
 def test_kmeans_no_empty_clusters_when_k_exceeds_structure():
     x, _ = _blobs(5, k=3, per=100, d=8)  # 3 tight blobs, 40 codes
-    counts = np.asarray(T.kmeans(x, 40, iters=10, seed=0)["counts"])
+    counts = np.asarray(K.kmeans(x, 40, iters=10, seed=0)["counts"])
     assert counts.sum() == 300 and counts.min() > 0
 
 
@@ -260,9 +261,9 @@ def test_vocab_size_validation(bad):
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="unknown"):
+    with pytest.raises(ConfigError, match="target.name='dvae' is not a target: choose one of kmeans, pixel"):
         T.make_target("dvae", patch_size=4)
-    with pytest.raises(ConfigError, match="target.vocab_sise"):
+    with pytest.raises(ConfigError, match="target.vocab_sise is not an option of target 'kmeans'"):
         T.make_target("kmeans", patch_size=4, vocab_sise=512)
     with pytest.raises(ConfigError, match="target.num_samples"):
         T.make_target("kmeans", patch_size=4, vocab_size=512, num_samples=100)
@@ -272,16 +273,16 @@ def test_config_errors():
     t = T.make_target("kmeans", patch_size=4, **{"name": "kmeans", "vocab_size": 512, "num_samples": 100000,
                                                  "iters": 20, "path": None})
     assert t.num_outputs == 512 and t.iters == 20
-    assert isinstance(t, T.TARGETS["kmeans"])
+    assert isinstance(t, T.TARGETS.get("kmeans"))
 
 
 def test_kmeans_random_init_for_large_vocab(monkeypatch):
-    monkeypatch.setattr(T, "MAX_PLUSPLUS_K", 4)  # take the large-vocabulary path on small data
+    monkeypatch.setattr(K, "MAX_PLUSPLUS_K", 4)  # take the large-vocabulary path on small data
     x, _ = _blobs(6, k=3, per=100, d=8)
-    res = T.kmeans(x, 12, iters=5, seed=0)
+    res = K.kmeans(x, 12, iters=5, seed=0)
     counts = np.asarray(res["counts"])
     assert counts.sum() == 300 and counts.min() > 0
-    np.testing.assert_array_equal(np.asarray(T.kmeans(x, 12, iters=5, seed=0)["codebook"]),
+    np.testing.assert_array_equal(np.asarray(K.kmeans(x, 12, iters=5, seed=0)["codebook"]),
                                   np.asarray(res["codebook"]))
 
 
@@ -293,8 +294,8 @@ def test_nearest_code_in_codebook_chunks_equals_one_argmin(max_entries):
     codebook = rng.standard_normal((37, 12)).astype(np.float32)
     codebook[20] = codebook[3]  # a tie: 3 must win
     x = np.concatenate([rng.standard_normal((35, 12)), codebook[[3, 36, 0]] + 1e-3]).astype(np.float32)
-    want = np.asarray(jnp.argmin(T.squared_distances(jnp.asarray(x), jnp.asarray(codebook)), axis=-1))
-    got = np.asarray(jax.jit(T.nearest_code, static_argnums=2)(jnp.asarray(x), jnp.asarray(codebook), max_entries))
+    want = np.asarray(jnp.argmin(K.squared_distances(jnp.asarray(x), jnp.asarray(codebook)), axis=-1))
+    got = np.asarray(jax.jit(K.nearest_code, static_argnums=2)(jnp.asarray(x), jnp.asarray(codebook), max_entries))
     np.testing.assert_array_equal(got, want)
     assert got[-3] == 3 and got[-2] == 36 and got[-1] == 0
     assert got.dtype == np.int32

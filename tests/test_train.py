@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from sslvit import ConfigError
-from sslvit.finetune_modes import FINETUNE_MODES, partition, trainable_paths
+from sslvit.finetune_modes import make_mode, partition, trainable_paths
 from sslvit.models import ViT
 from sslvit.optim import decay_mask, layer_decay_scales, make_optimizer
 from sslvit.train import TrainState, make_train_step
@@ -35,7 +35,7 @@ def classification_loss(model):
 def setup(mode="full", **kw):
     model = small_vit(**kw)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]
-    trainable, frozen = partition(params, FINETUNE_MODES[mode])
+    trainable, frozen = partition(params, make_mode(mode))
     opt, sched = make_optimizer(OPTIM, trainable, total_steps=10)
     state = TrainState.create(trainable, frozen, {}, opt)
     batch = {"image": jax.random.normal(jax.random.PRNGKey(1), (8, 8, 8, 3)),

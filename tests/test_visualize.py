@@ -66,7 +66,7 @@ def test_grid_png_is_exact(tmp_path):
 
 
 def test_bad_input(tmp_path):
-    with pytest.raises(ConfigError, match="num_images"):
+    with pytest.raises(ConfigError, match="num_images=0 must be an integer >= 1"):
         visualize({"run": str(tmp_path), "num_images": 0})
     with pytest.raises(ConfigError, match="does not exist"):
         visualize({"run": str(tmp_path / "nope")})
@@ -81,14 +81,14 @@ def test_pixel_target_panels():
     visible ones faded; the prediction is drawn at masked patches only; the metric is the MSE at masked patches."""
     import jax  # noqa: PLC0415
 
-    from sslvit.config import build_vit  # noqa: PLC0415
+    from sslvit.models import build_vit  # noqa: PLC0415
     from sslvit.masking import make_mask_sampler  # noqa: PLC0415
     from sslvit.models.mim import MaskedImageModel  # noqa: PLC0415
     from sslvit.targets import make_target  # noqa: PLC0415
     from sslvit.visualize import LoadedRun, compute_panels  # noqa: PLC0415
 
-    enc = build_vit({"image_size": 16, "patch_size": 4, "dim": 32, "depth": 1, "heads": 2, "mlp_dim": 64,
-                     "stem": "linear"}, num_classes=0, use_mask_token=True)
+    enc = build_vit({"model": {"image_size": 16, "patch_size": 4, "dim": 32, "depth": 1, "heads": 2, "mlp_dim": 64},
+                     "stem": {"name": "linear"}}, num_classes=0, use_mask_token=True)
     target = make_target("pixel", patch_size=4, normalize=True)
     model = MaskedImageModel(enc, target.num_outputs)
     images = np.random.default_rng(3).normal(size=(2, 16, 16, 3)).astype(np.float32)
@@ -96,7 +96,7 @@ def test_pixel_target_panels():
     mask = sampler(np.random.default_rng(0), 2)
     variables = jax.jit(model.init)(jax.random.key(0), images[:1], mask[:1])
     lr = LoadedRun(run_dir=None, step=0, config={}, model=model, variables=variables, target=target, target_state={},
-                   sampler=sampler, image_size=16, patch_size=4, grid_hw=(4, 4))
+                   sampler=sampler, image_size=16, patch_size=4, grid_hw=(4, 4), data_cfg=None)
     p = compute_panels(lr, images, mask, CIFAR_MEAN, CIFAR_STD)
     shown = denormalize_images(images, CIFAR_MEAN, CIFAR_STD)
     px = mask_pixels(mask, (4, 4), 4)[..., 0]
@@ -134,7 +134,7 @@ def test_visualize_pretraining_run(pretrain_run, hydra_compose, tmp_path):
     # column 1 is the de-normalised test image; column 2 greys exactly the patches the run's sampler masks
     from sslvit import data as data_lib  # noqa: PLC0415
 
-    dc = data_lib.DataConfig.from_cfg(lr.config["data"])
+    dc = lr.data_cfg
     images = next(iter(data_lib.make_eval_iterator(dc, batch_size=3, image_size=32)))["image"]
     np.testing.assert_allclose(cells[:, 0], denormalize_images(images, dc.mean, dc.std), atol=1.5 / 255)
     mask = lr.sampler(np.random.default_rng(5), 3)

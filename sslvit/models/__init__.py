@@ -1,7 +1,9 @@
-"""Models: the parallel ViT encoder, its patch stems and the masked-image-modelling wrapper."""
+"""Models: the parallel ViT encoder, its patch stems, the masked-image-modelling wrapper, and the encoder's
+description that rebuilds it (`build_vit`)."""
 
+from sslvit.models.build import build_vit, encoder_config, encoder_from_meta
 from sslvit.models.stems import STEMS, get_stem, hmlp_factors, register_stem
 from sslvit.models.vit import ViT, resize_pos_embedding, sincos_pos_embedding
 
-__all__ = ["STEMS", "ViT", "get_stem", "hmlp_factors", "register_stem", "resize_pos_embedding",
-           "sincos_pos_embedding"]
+__all__ = ["STEMS", "ViT", "build_vit", "encoder_config", "encoder_from_meta", "get_stem", "hmlp_factors",
+           "register_stem", "resize_pos_embedding", "sincos_pos_embedding"]

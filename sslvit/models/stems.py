@@ -1,6 +1,7 @@
 """Patch stems: image (B, H, W, C) -> patch embeddings (B, H/p, W/p, dim).
 
-A registry, so a new stem is one class plus one `conf/stem/<name>.yaml`. The property that matters for masked
+A registry (`STEMS`), so a new stem is one class registered with `@STEMS.register(name)` plus one
+`conf/stem/<name>.yaml`. The property that matters for masked
 pretraining (paper §5): `linear` and `hmlp` use kernel = stride everywhere, so a patch's embedding depends on that
 patch's pixels only and masking after the stem equals masking the pixels; `conv` uses overlapping 3x3 kernels and
 leaks neighbouring (possibly masked) content into each patch.
@@ -14,26 +15,28 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from sslvit.config.checks import Choice
 from sslvit.errors import ConfigError
+from sslvit.registry import Registry
 
 Dtype = Any
-STEMS: dict[str, type[nn.Module]] = {}
+STEMS: Registry = Registry("stem", "stem.name")
 NORMS = ("batch", "layer")
+STEM_GIVEN = ("dim", "patch_size", "channels", "dtype", "parent")  # set by the ViT, not by the stem's config group
 
 
 def register_stem(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """`@register_stem(name)`: `STEMS.register(name)`, also recording the name on the class (`stem_name`)."""
+
     def wrap(cls):
-        STEMS[name] = cls
         cls.stem_name = name
-        return cls
+        return STEMS.register(name)(cls)
 
     return wrap
 
 
 def get_stem(name: str) -> type[nn.Module]:
-    if name not in STEMS:
-        raise ConfigError(f"unknown stem {name!r}: choose one of {sorted(STEMS)}")
-    return STEMS[name]
+    return STEMS.get(name)
 
 
 def _kernel_init():
@@ -48,8 +51,7 @@ def _norm(kind: str, train: bool, dtype: Dtype, name: str) -> nn.Module:
 
 
 def check_norm(norm: str) -> None:
-    if norm not in NORMS:
-        raise ConfigError(f"stem norm={norm!r} is not supported: choose one of {list(NORMS)}")
+    Choice(NORMS)(norm, "stem.norm", "(layer needs no batch statistics and works at batch size 1)")
 
 
 def hmlp_factors(patch_size: int) -> list[int]:

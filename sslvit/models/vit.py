@@ -5,7 +5,8 @@ Each of `depth` layers holds `num_parallel_branches` (P) attention branches, the
     x = x + Σ_p attn_p(norm_p(x))
     x = x + Σ_p mlp_p(norm'_p(x))
 
-every branch with its own pre-LayerNorm, LayerScale and drop-path mask. P = 1 is the ordinary sequential ViT.
+every branch with its own pre-LayerNorm, LayerScale, drop-path mask and dropout mask (on its output, as timm's and
+DeiT's blocks). P = 1 is the ordinary sequential ViT.
 
 Fusion. The branches are not run as P small matmuls one after another. A LayerNorm's normalisation (mean, var) is
 the same for every branch; only its affine scale/bias differs, and that folds into the next weight matrix:
@@ -42,13 +43,6 @@ from sslvit.models.stems import get_stem
 
 Dtype = Any
 LN_EPS = 1e-6
-POOLS = ("cls", "mean")
-POS_EMBEDDINGS = ("learned", "sincos")
-ATTENTION = ("auto", "explicit", "xla", "cudnn")
-# Rematerialisation policies (`remat_policy`, with remat=true): what the backward pass may keep instead of
-# recomputing. jax.checkpoint_policies names; the dots_* ones keep matmul outputs (the projections: no batch
-# dims; dots_saveable also the attention logits), trading memory for the recompute of the matmuls.
-REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable")
 
 
 # Axis of the branch (P) in each per-layer parameter of ParallelAttention / ParallelMLP (0 unless listed): the input
@@ -82,6 +76,22 @@ def _drop_path_scale(module: nn.Module, rate: float, branches: int, batch: int, 
     keep = 1.0 - rate
     kept = jax.random.bernoulli(module.make_rng("dropout"), keep, (branches, batch))
     return kept.astype(jnp.float32) / keep
+
+
+def _dropped_branch_sum(rate: float, x, w, bias, scale):
+    """Σ_p dropout(branch_p): each branch's output (its projection, bias and LayerScale) dropped with its own mask
+    before the branches are summed, as timm's and DeiT's blocks drop each branch's projection output (`proj_drop`,
+    `Mlp.drop2`); one mask on the sum would be another model. Training with dropout > 0 only: the branch outputs
+    (b, n, P, D) are materialised instead of the fused contraction over (branch, ...).
+
+    x: (b, n, P, ...) branch inputs of the output projection; w: (P, ..., D); bias: (P, D); scale: drop path (P, b).
+    Called from a module's compact __call__: the Dropout becomes its submodule (rng stream 'dropout')."""
+    b, n, p = x.shape[:3]
+    y = jnp.einsum("bnpk,pkd->bnpd", x.reshape(b, n, p, -1), w.reshape(p, -1, w.shape[-1]))
+    y = y + bias.astype(y.dtype)
+    if scale is not None:
+        y = y * scale.T[:, None, :, None].astype(y.dtype)
+    return nn.Dropout(rate, name="branch_dropout")(y, deterministic=False).sum(axis=2)
 
 
 @jax.custom_vjp
@@ -168,6 +178,7 @@ class ParallelAttention(nn.Module):
     layer_scale_init: Optional[float] = None
     qkv_bias: bool = True
     dtype: Dtype = jnp.float32
+    dropout: float = 0.0  # on each branch's output (timm's proj_drop)
     attention: str = "auto"  # see the module doc
 
     @nn.compact
@@ -205,6 +216,8 @@ class ParallelAttention(nn.Module):
             bias = gamma * out_bias  # (P, D)
         with jax.named_scope("drop_path"):
             scale = _drop_path_scale(self, self.drop_path, P, b, train)
+        if train and self.dropout > 0:
+            return _dropped_branch_sum(self.dropout, out, w_out, bias, scale)
         if scale is None:
             return _contract(out, w_out, 3) + bias.sum(0).astype(self.dtype)
         with jax.named_scope("drop_path"):
@@ -254,6 +267,8 @@ class ParallelMLP(nn.Module):
             bias = gamma * fc2_bias
         with jax.named_scope("drop_path"):
             scale = _drop_path_scale(self, self.drop_path, P, b, train)
+        if train and self.dropout > 0:
+            return _dropped_branch_sum(self.dropout, h, w2, bias, scale)
         if scale is None:
             return _contract(h, w2, 2) + bias.sum(0).astype(self.dtype)
         with jax.named_scope("drop_path"):
@@ -281,16 +296,17 @@ class ParallelLayer(nn.Module):
     @nn.compact
     def __call__(self, x, _):
         # The residual stream stays float32; only matmul inputs use `dtype`.
+        # Dropout acts inside each branch (ParallelAttention/ParallelMLP), not on the summed update.
         update = ParallelAttention(
             self.dim, self.heads, self.dim_head, self.branches, self.drop_path, self.layer_scale_init,
-            dtype=self.dtype, attention=self.attention, name="attn",
+            dtype=self.dtype, dropout=self.dropout, attention=self.attention, name="attn",
         )(x, self.train)
-        x = x + nn.Dropout(self.dropout)(update, deterministic=not self.train).astype(jnp.float32)
+        x = x + update.astype(jnp.float32)
         update = ParallelMLP(
             self.dim, self.mlp_dim, self.branches, self.dropout, self.drop_path, self.layer_scale_init,
             dtype=self.dtype, name="mlp",
         )(x, self.train)
-        x = x + nn.Dropout(self.dropout)(update, deterministic=not self.train).astype(jnp.float32)
+        x = x + update.astype(jnp.float32)
         return x, (x if self.return_features else None)
 
 
@@ -335,9 +351,9 @@ class ViT(nn.Module):
     Arguments follow lucidrains' vit-pytorch (`image_size, patch_size, num_classes, dim, depth, heads, mlp_dim,
     pool, channels, dim_head, dropout, emb_dropout`) plus `num_parallel_branches`, `drop_path`,
     `layer_scale_init`, `stem`/`stem_norm`, `use_mask_token`, `pos_embedding`, `dtype` (activations; parameters
-    stay float32), `remat` (with `remat_policy`, what the backward pass keeps: REMAT_POLICIES), `unroll_layers`
-    (compile the layers unrolled instead of as a loop: faster steps, longer compiles; same parameters; ignored with
-    remat) and `attention` (the attention kernel: ATTENTION, see the module doc).
+    stay float32), `remat` (with `remat_policy`, what the backward pass keeps), `unroll_layers` (compile the layers
+    unrolled instead of as a loop: faster steps, longer compiles; same parameters; ignored with remat) and
+    `attention` (the attention kernel, see the module doc).
 
     Rng streams: `emb_dropout` for the embedding dropout, `dropout` for dropout and drop path. With `train=False`
     (the default) all of them are off and the output is deterministic; no rng is needed.
@@ -379,48 +395,15 @@ class ViT(nn.Module):
         super().__post_init__()
 
     def validate(self) -> None:
-        """Raise ConfigError naming the offending argument; called at construction, before any compute."""
-        ih, iw = _pair(self.image_size)
-        p = self.patch_size
-        if not isinstance(p, int) or p < 1:
-            raise ConfigError(f"patch_size={p!r} must be a positive integer")
-        if ih < 1 or iw < 1 or ih % p or iw % p:
-            raise ConfigError(f"image_size={self.image_size} is not divisible by patch_size={p}: "
-                              f"choose an image size that is a multiple of the patch size")
-        for name in ("dim", "depth", "heads", "mlp_dim", "channels"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or v < 1:
-                raise ConfigError(f"{name}={v!r} must be a positive integer")
-        if self.dim_head is None and self.dim % self.heads:
-            raise ConfigError(f"dim={self.dim} is not divisible by heads={self.heads}: "
-                              f"choose heads dividing dim, or set dim_head")
-        if self.dim_head is not None and self.dim_head < 1:
-            raise ConfigError(f"dim_head={self.dim_head} must be a positive integer")
-        if not isinstance(self.num_parallel_branches, (int, np.integer)) or self.num_parallel_branches < 1:
-            raise ConfigError(f"num_parallel_branches={self.num_parallel_branches!r} must be >= 1 "
-                              f"(1 = sequential ViT, 2 = the paper's parallel ViT)")
-        if self.num_classes < 0:
-            raise ConfigError(f"num_classes={self.num_classes} must be >= 0 (0 = no head)")
-        if self.pool not in POOLS:
-            raise ConfigError(f"pool={self.pool!r} is not supported: choose one of {list(POOLS)}")
-        if self.pos_embedding not in POS_EMBEDDINGS:
-            raise ConfigError(f"pos_embedding={self.pos_embedding!r}: choose one of {list(POS_EMBEDDINGS)}")
-        for name in ("dropout", "emb_dropout", "drop_path"):
-            v = getattr(self, name)
-            if not 0.0 <= v < 1.0:
-                raise ConfigError(f"{name}={v} must be in [0, 1)")
-        if not isinstance(self.unroll_layers, (bool, np.bool_)):
-            raise ConfigError(f"unroll_layers={self.unroll_layers!r} must be true or false")
-        if self.attention not in ATTENTION:
-            raise ConfigError(f"attention={self.attention!r}: choose one of {list(ATTENTION)}")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ConfigError(f"remat_policy={self.remat_policy!r}: choose one of {list(REMAT_POLICIES)}")
-        if self.remat_policy != REMAT_POLICIES[0] and not self.remat:
-            raise ConfigError(f"remat_policy={self.remat_policy} has no effect without remat=true: set both, or "
-                              f"leave remat_policy={REMAT_POLICIES[0]}")
-        if self.layer_scale_init is not None and not self.layer_scale_init > 0:
-            raise ConfigError(f"layer_scale_init={self.layer_scale_init} must be > 0 (or null for no LayerScale)")
-        get_stem(self.stem).validate(self.dim, p, self.stem_norm)
+        """Raise ConfigError naming the offending argument; called at construction, before any compute. The
+        arguments are checked by the `model` config group's schema (sslvit/config/groups.py), the stem by its own."""
+        from sslvit.config.checks import Integer  # noqa: PLC0415
+        from sslvit.config.groups import ModelConfig  # noqa: PLC0415
+
+        fields = {f: getattr(self, f) for f in ModelConfig.__dataclass_fields__ if f != "dtype"}
+        ModelConfig.parse(fields, prefix="")
+        Integer(min=0)(self.num_classes, "num_classes", "(0 = no head)")
+        get_stem(self.stem).validate(self.dim, self.patch_size, self.stem_norm)
 
     @property
     def grid_size(self) -> tuple[int, int]:

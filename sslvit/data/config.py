@@ -1,0 +1,68 @@
+"""What the loops need to know about a dataset, and helpers of the sources. No TensorFlow, no JAX.
+
+The `data` config group itself, `DataConfig`, is declared with the other groups in sslvit/config/groups.py."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sslvit.config.checks import Integer
+from sslvit.config.groups import IMAGENET_MEAN, IMAGENET_STD, ON_CORRUPT, DataConfig, check_crop_scale
+from sslvit.errors import ConfigError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)  # random-resized-crop aspect ratios, as in torchvision/BEiT
+
+
+def one_line(exc: BaseException | str, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """(index, count) of this process; defaults to JAX's (imported lazily: only multi-host callers need it)."""
+    if process_index is None or process_count is None:
+        import jax  # noqa: PLC0415
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    process_count = Integer(min=1)(process_count, "process_count")
+    process_index = Integer(min=0)(process_index, "process_index")
+    if process_index >= process_count:
+        raise ConfigError(f"process_index={process_index} must be < process_count={process_count}")
+    return process_index, process_count
+
+
+def check_num_classes(dc: DataConfig, actual: int) -> None:
+    if dc.num_classes is not None and dc.num_classes != actual:
+        raise ConfigError(
+            f"data.num_classes={dc.num_classes} but {dc.name} has {actual} classes; "
+            f"set data.num_classes={actual} or null"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the model and the loops need to know about a dataset, read from metadata (no pass over the data)."""
+
+    name: str
+    num_classes: int
+    num_train: int  # examples in data.train_split (all processes together; slices applied)
+    num_test: int  # examples in data.test_split (0 for a folder dataset without that sub-directory)
+    class_names: tuple[str, ...]
+    image_shape: tuple[int | None, int | None, int]  # (H, W, 3); None where sizes vary
+    train_split: str
+    test_split: str
+    skipped_files: tuple[str, ...] = ()  # folder datasets with on_corrupt=skip: corrupt images left out
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped_files)
+
+    def steps_per_epoch(self, batch_size: int, process_count: int = 1) -> int:
+        """Training steps per epoch at a per-process `batch_size` (each process reads num_train // count)."""
+        return (self.num_train // process_count) // batch_size
+
+
+__all__ = ["ASPECT_RATIO_RANGE", "DataConfig", "DatasetInfo", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS",
+           "ON_CORRUPT", "check_crop_scale", "check_num_classes", "one_line", "processes"]

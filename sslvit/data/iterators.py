@@ -1,0 +1,216 @@
+"""Training and evaluation batches from a source's tf.data examples: deterministic, resumable, sharded.
+
+Training batches are a pure function of `(seed, step)`: epoch `e` is shuffled with seeds derived from
+`(seed, e, process_index)` and augmented with stateless random ops keyed by those seeds and the position in
+the epoch, so an iterator created with `start_step=k` yields exactly the batches a fresh iterator yields from
+its k-th step on (bit-exact resume). Evaluation is one pass, padded to whole batches with a `valid` mask, and
+every process runs the same number of batches (collectives stay in lockstep).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from sslvit.config.checks import Integer
+from sslvit.data._tf import AUTOTUNE, tf
+from sslvit.data.config import DataConfig, check_crop_scale, processes
+from sslvit.data.sources import create_source
+from sslvit.data.transforms import augment_batch, augment_example, center_crop_resize, normalize, options
+from sslvit.errors import ConfigError
+
+
+def _epoch_seeds(seed: int, epoch: int, process_index: int) -> tuple[int, int, int]:
+    """(shuffle buffer, file order, augmentation) seeds of one epoch on one process: independent streams."""
+    a, b, c = np.random.SeedSequence([seed, epoch, process_index]).generate_state(3, dtype=np.uint32)
+    return int(a), int(b), int(c)
+
+
+class TrainIterator(Iterator[dict]):
+    """Endless training batches {'image': float32 (B, S, S, 3), 'label': int32 (B,)}, step after step.
+
+    `step` is the index of the next batch; batch k is the same whether reached by k calls of `next` or by
+    `make_train_iterator(..., start_step=k)`."""
+
+    def __init__(self, epoch_dataset: Callable[[int, int], tf.data.Dataset], steps_per_epoch: int, start_step: int,
+                 num_examples: int):
+        self._epoch_dataset = epoch_dataset
+        self.steps_per_epoch = steps_per_epoch
+        self.num_examples = num_examples  # this process's shard of the training split
+        self.step = start_step
+        self._it: Iterator[dict] | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    def __iter__(self) -> TrainIterator:
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            # Each epoch is its own pipeline, seeded by the epoch number: that is what makes
+            # (epoch, offset) resumable; the refill of the shuffle buffer at the boundary is short.
+            self._it = self._epoch_dataset(self.epoch, self.step % self.steps_per_epoch).as_numpy_iterator()
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            raise RuntimeError(
+                f"the training split ended before step {self.step} of epoch {self.epoch} "
+                f"({self.steps_per_epoch} steps expected): its metadata does not match its data"
+            ) from None
+        self.step += 1
+        if self.step % self.steps_per_epoch == 0:
+            self._it = None  # epoch done (the rest, < one batch, is dropped)
+        return batch
+
+
+class EvalIterator(Iterator[dict]):
+    """One pass: {'image', 'label', 'valid': bool (B,)}; the last batches are padded (valid False).
+
+    `len()` is the number of batches, the same on every process."""
+
+    def __init__(self, ds: tf.data.Dataset, num_batches: int, num_examples: int):
+        self._it = ds.as_numpy_iterator()
+        self.num_batches = num_batches
+        self.num_examples = num_examples  # real examples on this process
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> EvalIterator:
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._it)
+
+
+def make_train_iterator(
+    cfg: Any,
+    *,
+    batch_size: int,
+    image_size: int,
+    seed: int,
+    start_step: int = 0,
+    augment: bool = True,
+    crop_scale: Sequence[float] | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> TrainIterator:
+    """Endless, deterministic, resumable training batches of this process's shard of `data.train_split`.
+
+    batch_size: per process. Each epoch is a fresh permutation seeded by (seed, epoch, process); the last
+    partial batch of an epoch is dropped. augment: random-resized-crop (area `crop_scale`, default
+    data.crop_scale) + horizontal flip (data.flip); else the evaluation transform. start_step: resume point.
+    """
+    dc = DataConfig.from_cfg(cfg)
+    batch_size = Integer(min=1)(batch_size, "batch_size")
+    image_size = Integer(min=1)(image_size, "image_size")
+    seed = Integer(min=0)(seed, "seed")
+    start_step = Integer(min=0)(start_step, "start_step")
+    scale = dc.crop_scale if crop_scale is None else check_crop_scale(crop_scale, "crop_scale")
+    pi, pc = processes(process_index, process_count)
+    source = create_source(dc)
+    n = source.split_size(dc.train_split, pi, pc, True)
+    steps_per_epoch = n // batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"batch_size={batch_size} (per process) exceeds the {n} training examples of process {pi}'s shard of "
+            f"data.train_split={dc.train_split!r}; lower the batch size or use a larger split"
+        )
+    base = source.examples(dc.train_split, pi, pc, True, None)[0].cache() if dc.cache else None
+    buffer = min(dc.shuffle_buffer, n)
+    fixed = source.fixed_shape
+
+    def epoch_dataset(epoch: int, offset: int) -> tf.data.Dataset:
+        shuffle_seed, order_seed, aug_seed = _epoch_seeds(seed, epoch, pi)
+        if base is not None:
+            ds, shuffled = base, False
+        else:
+            ds, shuffled = source.examples(dc.train_split, pi, pc, True, order_seed)
+        if not shuffled:
+            ds = ds.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+        skip = offset * batch_size  # resume inside the epoch: skip before the costly decode/augment
+        if fixed is not None:
+            # Equal-sized images: batch first, then augment the whole batch, keyed by (epoch, step in epoch).
+            ds = ds.skip(skip).batch(batch_size, drop_remainder=True).enumerate(start=offset)
+
+            def transform(i, b):
+                key = tf.stack([tf.constant(aug_seed, tf.int64), i])
+                if augment:
+                    image = augment_batch(b["image"], key, image_size, scale, dc.flip)
+                else:
+                    image = center_crop_resize(b["image"], image_size, dc.eval_crop_pct)
+                return {"image": normalize(image, dc.mean, dc.std), "label": b["label"]}
+
+            ds = ds.map(transform, num_parallel_calls=AUTOTUNE)
+        else:
+            # Images of any size: crop each (JPEG: decode only the window), keyed by (epoch, position).
+            ds = ds.enumerate().skip(skip)
+
+            def transform_one(i, ex):
+                key = tf.stack([tf.constant(aug_seed, tf.int64), i])
+                if augment:
+                    image = augment_example(ex["image"], key, image_size, scale, dc.flip)
+                else:
+                    image = center_crop_resize(ex["image"], image_size, dc.eval_crop_pct)
+                return {"image": image, "label": ex["label"]}
+
+            ds = ds.map(transform_one, num_parallel_calls=AUTOTUNE)
+            ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE)
+            ds = ds.map(lambda b: {"image": normalize(b["image"], dc.mean, dc.std), "label": b["label"]})
+        return ds.prefetch(AUTOTUNE).with_options(options())
+
+    return TrainIterator(epoch_dataset, steps_per_epoch, start_step, n)
+
+
+def make_eval_iterator(
+    cfg: Any,
+    split: str | None = None,
+    *,
+    batch_size: int,
+    image_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> EvalIterator:
+    """One pass over this process's shard of `split` (default data.test_split), no augmentation.
+
+    Every example is seen exactly once over all processes. Batches have static shape: the tail is padded
+    with zero images, label 0 and valid=False, and every process yields the same number of batches."""
+    dc = DataConfig.from_cfg(cfg)
+    split = dc.test_split if split is None else split
+    if not isinstance(split, str) or not split:
+        raise ConfigError(f"split={split!r} must be a split name such as 'test' or 'validation'")
+    batch_size = Integer(min=1)(batch_size, "batch_size")
+    image_size = Integer(min=1)(image_size, "image_size")
+    pi, pc = processes(process_index, process_count)
+    source = create_source(dc)
+    sizes = [source.split_size(split, i, pc, False) for i in range(pc)]
+    if max(sizes) == 0:
+        raise ConfigError(f"split {split!r} of {dc.name} holds no examples; set data.test_split to another split")
+    n = sizes[pi]
+    num_batches = -(-max(sizes) // batch_size)
+    ds, _ = source.examples(split, pi, pc, False, None)
+    ds = ds.map(
+        lambda ex: {
+            "image": center_crop_resize(ex["image"], image_size, dc.eval_crop_pct),
+            "label": ex["label"],
+            "valid": tf.constant(True),
+        },
+        num_parallel_calls=AUTOTUNE,
+    )
+    pad = num_batches * batch_size - n
+    if pad:
+        filler = {
+            "image": tf.zeros([image_size, image_size, 3], tf.float32),
+            "label": tf.constant(0, tf.int32),
+            "valid": tf.constant(False),
+        }
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(filler).repeat(pad))
+    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.map(lambda b: {**b, "image": normalize(b["image"], dc.mean, dc.std)}, num_parallel_calls=AUTOTUNE)
+    ds = ds.prefetch(AUTOTUNE).with_options(options())
+    return EvalIterator(ds, num_batches, n)
+
