@@ -284,7 +284,8 @@ def cmd_summary(args) -> None:
     print(md)
     for k, v in targets.items():
         if k != "peaks_tflops":
-            print(f"target {k}: {v.get('value')} (goal {v['goal']}): {'met' if v['met'] else 'NOT met'}")
+            verdict = "not measured" if v.get("value") is None else ("met" if v["met"] else "NOT met")
+            print(f"target {k}: {v.get('value')} (goal {v['goal']}): {verdict}")
     failed = [r for r in rows if r.get("step") in ("failed", "skipped")]
     for r in failed:
         print(f"{r['step']}: {r.get('row') or r.get('preset')} {r.get('variant', '')} {r.get('error')}")
