@@ -1,54 +1,82 @@
-"""Shared pieces of the benchmarks: model presets read from conf/model (a benchmark measures the shipped configs),
-the pretraining and fine-tuning steps built as the stages build them (synthetic data), timing, the matmul peak.
+"""Shared pieces of the benchmarks: the stages' own configs composed from conf/ (a benchmark measures the shipped
+configs) and their train steps built by the stages themselves (`Pretraining.build`, `Finetuning.build`: the same
+loss, rng streams, optimiser and donation as a run) on synthetic data; timing, the matmul peak.
 
-Importing this module applies the scripts' host-allocator setting (sslvit/runtime.py) before JAX starts.
+Run the scripts from the repository root (`python bench/throughput.py`); the package is installed (`pip install
+-e .`), or on a bare GPU host `PYTHONPATH=.` (bench/gpu_check.sh sets it). Importing this module applies the
+scripts' host-allocator setting (sslvit/runtime.py) before JAX starts.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
+from typing import Any, Mapping
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from sslvit.runtime import keep_host_memory  # noqa: E402
+from sslvit.runtime import keep_host_memory
 
 HOST_MALLOC = "kept (sslvit/runtime.py)" if keep_host_memory() else "glibc default"  # as the scripts, before JAX
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from sslvit import masking, optim, targets  # noqa: E402
-from sslvit.models.build import build_vit, from_flat  # noqa: E402
 from sslvit.flops import train_flops  # noqa: E402
-from sslvit.models.mim import MaskedImageModel  # noqa: E402
-from sslvit.train import TrainState, make_train_step  # noqa: E402
+from sslvit.models.build import build_vit, from_flat  # noqa: E402
 
-# Benchmark preset -> conf/model/<name>.yaml. "cifar" is the issue's CIFAR-size preset (32 px, patch 4, dim 192,
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+# Benchmark preset -> conf/model/<name>.yaml. "cifar" is the CIFAR-size preset (32 px, patch 4, dim 192,
 # 6 layers x 2 branches); the ViT-S pair has equal parameters and FLOPs.
 PRESETS = {"cifar": "tiny", "cifar_seq": "tiny_seq", "vit_s18x2": "small", "vit_s36x1": "small_seq",
            "vit_b18x2": "base"}
 OPTIM = dict(lr=1e-3, min_lr=0.0, warmup_steps=10, weight_decay=0.05, clip_grad_norm=3.0, accum_steps=1)
 
 
-def load_model_yaml(name: str) -> dict:
-    """conf/model/<name>.yaml with its `defaults` (another model file) merged in, as Hydra composes it. Plain
-    OmegaConf: the benchmarks also run where Hydra isn't installed (a bare GPU image)."""
-    cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")
+def load_yaml(group: str, option: str) -> dict:
+    """conf/<group>/<option>.yaml with its own `defaults` (another file of the group) merged in, as Hydra does."""
+    cfg = OmegaConf.load(CONF / group / f"{option}.yaml")
     bases = [d for d in cfg.pop("defaults", []) if d != "_self_"]
-    merged = OmegaConf.merge(*[OmegaConf.create(load_model_yaml(b)) for b in bases], cfg)
+    merged = OmegaConf.merge(*[OmegaConf.create(load_yaml(group, b)) for b in bases], cfg)
     return OmegaConf.to_container(merged, resolve=True)
+
+
+def load_model_yaml(name: str) -> dict:
+    return load_yaml("model", name)
+
+
+def compose(script: str, groups: Mapping[str, Any] = (), **keys: Any) -> DictConfig:
+    """conf/<script>.yaml composed as Hydra composes it, with plain OmegaConf (the benchmarks also run where Hydra
+    is not installed, e.g. a bare GPU image): each group of the defaults list from its YAML (`groups` may name
+    another option or give the group's dict), then the script's own keys, then `keys` (dotted names allowed)."""
+    groups = dict(groups)
+    primary = OmegaConf.load(CONF / f"{script}.yaml")
+    defaults = primary.pop("defaults", [])
+    primary.pop("hydra", None)
+    cfg = OmegaConf.create({})
+    for entry in defaults:
+        if entry == "_self_":
+            cfg = OmegaConf.merge(cfg, primary)
+            continue
+        (name, option), = dict(entry).items()
+        group = name.removeprefix("optional ").split("@")[0].strip()
+        choice = groups.pop(group, option)
+        if choice is None or group in ("hydra", "experiment") or group.startswith("override "):
+            continue
+        value = dict(choice) if isinstance(choice, Mapping) else load_yaml(group, choice)
+        OmegaConf.update(cfg, group.replace("/", "."), value, merge=False, force_add=True)
+    for group, value in groups.items():  # groups the defaults list leaves out
+        OmegaConf.update(cfg, group.replace("/", "."), dict(value), merge=False, force_add=True)
+    for k, v in keys.items():
+        OmegaConf.update(cfg, k, v, merge=True, force_add=True)
+    return cfg
 
 
 def model_preset(preset: str | dict, *, stem: str = "hmlp", stem_norm: str = "batch", **overrides) -> dict:
     """The model config of a benchmark preset (a PRESETS key) or an explicit model dict, with a stem and overrides
-    (e.g. dtype="bfloat16", remat=True, unroll_layers=False)."""
+    (e.g. dtype="bfloat16", remat=True, unroll_layers=False), as one flat dict (`from_flat` splits it)."""
     cfg = dict(preset) if isinstance(preset, dict) else load_model_yaml(PRESETS[preset])
     cfg.update(stem=stem, stem_norm=stem_norm)
     cfg.update(overrides)
@@ -131,59 +159,45 @@ class Step:
 
 def pretrain_step(preset: str | dict, batch: int, *, dtype: str = "float32", accum_steps: int = 1, vocab: int = 512,
                   stem: str = "hmlp", **model_overrides) -> Step:
-    """The pretraining step as `sslvit.pretraining` builds it: hMLP stem with BatchNorm, block masking at 0.4, the
-    k-means target (a random `vocab`-code codebook; tokens assigned on device in the step), AdamW, donated state."""
-    enc = build_vit(from_flat(model_preset(preset, stem=stem, dtype=dtype, **model_overrides)), num_classes=0,
-                    use_mask_token=True)
-    target = targets.make_target("kmeans", patch_size=enc.patch_size, vocab_size=vocab)
-    model = MaskedImageModel(enc, target.num_outputs)
-    size = enc.grid_size[0] * enc.patch_size
-    sampler = masking.make_mask_sampler("block", enc.grid_size, 0.4)
-    images = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
-    mask = jnp.asarray(sampler(np.random.default_rng(0), batch))
-    consts = {"codebook": jax.random.normal(jax.random.key(1), (vocab, target.patch_dim)),
+    """The pretraining stage's own step (`Pretraining.build`): block masking at 0.4, the k-means target (a random
+    `vocab`-code codebook; tokens assigned on device in the step), AdamW, donated state; hMLP stem by default."""
+    from sslvit.pretraining import Pretraining  # noqa: PLC0415
+    from sslvit.train import make_mesh  # noqa: PLC0415
+
+    enc = from_flat(model_preset(preset, stem=stem, dtype=dtype, **model_overrides))
+    cfg = compose("pretrain", {"model": enc["model"], "stem": enc["stem"]}, batch_size=batch, mask_ratio=0.4,
+                  optim=dict(OPTIM, accum_steps=accum_steps), **{"target.vocab_size": vocab})
+    stage = Pretraining(cfg, None)
+    consts = {"codebook": jax.random.normal(jax.random.key(1), (vocab, stage.target.patch_dim)),
               "counts": jnp.ones((vocab,), jnp.int32)}
-    variables = jax.jit(model.init)(jax.random.key(0), images[:1], mask[:1])
-    opt, _ = optim.make_optimizer(OmegaConf.create(dict(OPTIM, accum_steps=accum_steps)), variables["params"],
-                                  total_steps=1000)
-    state = TrainState.create(variables["params"], {}, variables.get("batch_stats", {}), opt)
-
-    def loss_fn(params, batch_stats, b, rng, c):
-        tokens = target.compute(c, b["image"])
-        v = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
-        preds, upd = model.apply(v, b["image"], b["mask"], train=True, mutable=["batch_stats"],
-                                 rngs={"dropout": rng, "emb_dropout": rng})
-        loss, metrics = target.loss(preds, tokens, b["mask"])
-        return loss, (metrics, upd.get("batch_stats", batch_stats))
-
-    step = jax.jit(make_train_step(loss_fn, opt, seed=0, accum_steps=accum_steps), donate_argnums=(0,))
+    state, step = stage.build(make_mesh(), 1000)
+    size = stage.image_size
+    images = jax.random.normal(jax.random.key(0), (batch, size, size, stage.encoder.channels))
+    mask = jnp.asarray(stage.sampler(np.random.default_rng(0), batch))
+    e = stage.encoder
     # Model FLOPs (analytic: XLA's cost analysis counts a scanned layer once) + the tokenizer's assignment matmul.
-    flops = batch * (train_flops(enc, head_outputs_per_patch=vocab) + 2 * enc.num_patches * target.patch_dim * vocab)
-    return Step(step, state, {"image": images, "mask": mask}, consts, flops, enc)
+    flops = batch * (train_flops(e, head_outputs_per_patch=vocab) + 2 * e.num_patches * stage.target.patch_dim * vocab)
+    return Step(step, state, {"image": images, "mask": mask}, consts, flops, e)
 
 
 def finetune_step(preset: str | dict, batch: int, *, dtype: str = "float32", mode: str = "full",
                   **model_overrides) -> Step:
-    """The fine-tuning step as `sslvit.finetune` builds it (10 classes, layer decay 0.65, `mode` freezes the rest)."""
-    from sslvit.finetune_modes import make_mode, partition  # noqa: PLC0415
+    """The fine-tuning stage's own step (`Finetuning.build`, from scratch): 10 classes, layer decay 0.65, label
+    smoothing, `mode` freezes the rest; the model's drop_path (default the preset's) as finetune.drop_path."""
+    from sslvit.finetune import Finetuning  # noqa: PLC0415
+    from sslvit.train import make_mesh  # noqa: PLC0415
 
-    model = build_vit(from_flat(model_preset(preset, stem="linear", dtype=dtype, **model_overrides)), num_classes=10)
-    size = model.grid_size[0] * model.patch_size
-    images = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
-    labels = jnp.arange(batch) % 10
-    params = jax.jit(model.init)(jax.random.key(0), images[:1])["params"]
-    trainable, frozen = partition(params, make_mode(mode))
-    opt, _ = optim.make_optimizer(OmegaConf.create(dict(OPTIM, layer_decay=0.65)), trainable, total_steps=1000,
-                                  depth=model.depth)
-    state = TrainState.create(trainable, frozen, {}, opt)
-
-    def loss_fn(p, bs, b, rng, consts):
-        logits = model.apply({"params": p}, b["image"], train=True, rngs={"dropout": rng, "emb_dropout": rng})
-        return optax.softmax_cross_entropy_with_integer_labels(logits, b["label"]).mean(), ({}, bs)
-
-    step = jax.jit(make_train_step(loss_fn, opt, seed=0), donate_argnums=(0,))
-    flops = batch * train_flops(model)  # the 3x-forward convention, also for frozen-weight modes
-    return Step(step, state, {"image": images, "label": labels}, None, flops, model)
+    enc = from_flat(model_preset(preset, stem="linear", dtype=dtype, **model_overrides))
+    cfg = compose("finetune", {"model": enc["model"], "stem": enc["stem"], "finetune/mode": mode}, run=None,
+                  batch_size=batch, optim=dict(OPTIM, layer_decay=0.65),
+                  **{"finetune.drop_path": enc["model"].get("drop_path", 0.0)})
+    stage = Finetuning(cfg, None)
+    state, step = stage.build(make_mesh(), 1000)
+    size = stage.image_size
+    images = jax.random.normal(jax.random.key(0), (batch, size, size, stage.model.channels))
+    labels = jnp.arange(batch, dtype=jnp.int32) % stage.num_classes
+    flops = batch * train_flops(stage.model)  # the 3x-forward convention, also for frozen-weight modes
+    return Step(step, state, {"image": images, "label": labels}, None, flops, stage.model)
 
 
 def inference_forward(preset: str | dict, batch: int, *, dtype: str = "float32", **model_overrides):

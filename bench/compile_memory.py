@@ -11,11 +11,8 @@ Synthetic images, the k-means target with a random 512-code codebook (as bench/t
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(__file__))
 
 from common import PRESETS, device_line, pretrain_step  # noqa: E402
 

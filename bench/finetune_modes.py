@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
 
 
 def measure(mode: str, batch_size: int, steps: int, overrides: list[str]) -> dict:

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
 
 from common import device_line, finetune_step, load_model_yaml, PRESETS, timed  # noqa: E402
 

@@ -21,12 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(__file__))
 
 TINY = os.environ.get("SSLVIT_BENCH_TINY", "") not in ("", "0")
 TINY_MODEL = dict(image_size=32, patch_size=8, dim=64, depth=2, num_parallel_branches=2, heads=2, dim_head=None,

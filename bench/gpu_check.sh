@@ -20,6 +20,7 @@
 # omegaconf, einops, torch, timm; not TensorFlow, TF datasets or Hydra.
 set -u
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout, not an install (a bare GPU host)
 OUT=${OUT:-bench/results/local}
 mkdir -p "$OUT"
 rm -f "$OUT/rows.jsonl"

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(__file__))
 
 import common  # noqa: E402, F401  (the scripts' host-allocator setting, before JAX)
 

@@ -14,10 +14,7 @@ bench/throughput.py --latency measures the same with one mean per model (fine on
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
 
 from common import PRESETS, device_line, inference_forward, parse_overrides, timed  # noqa: E402
 

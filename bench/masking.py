@@ -6,12 +6,9 @@ Usage: python bench/masking.py [--batch-size 256] [--seconds 1.0]
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 # Run from a checkout without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sslvit.masking import MASK_SAMPLERS, make_mask_sampler, mask_rng  # noqa: E402
 

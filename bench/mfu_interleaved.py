@@ -15,10 +15,7 @@ bench/throughput.py measures the same once (fine on an idle machine or a GPU).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
 
 from common import PRESETS, device_line, parse_overrides, peak_matmul, pretrain_step, timed  # noqa: E402
 

@@ -31,11 +31,9 @@ import gzip
 import json
 import os
 import re
-import sys
 import tempfile
 from collections import Counter, defaultdict
 
-sys.path.insert(0, os.path.dirname(__file__))
 
 from common import PRESETS, device_line, finetune_step, parse_overrides, pretrain_step  # noqa: E402
 

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
 
 from common import (PRESETS, device_line, finetune_step, inference_forward, matmul_peak,  # noqa: E402
                     parse_overrides, pretrain_step, timeit)

@@ -13,21 +13,18 @@ both ways, and whether sslvit -> timm -> sslvit gives the same bits.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import timm  # noqa: F401  (before TensorFlow is loaded anywhere: timm's triton and TensorFlow clash in one process)
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
 
 from common import device_line, model_preset  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sslvit.config import build_vit  # noqa: E402
+from sslvit.models.build import build_vit, from_flat  # noqa: E402
 from sslvit.interop import timm_to_variables, variables_to_timm  # noqa: E402
 
 TIMM = {"vit_s18x2": dict(depth=18, block="parallel"), "vit_s36x1": dict(depth=36, block="sequential")}
@@ -57,7 +54,7 @@ def main():
             for name, t in tm.state_dict().items():
                 noise = torch.randn(t.shape, generator=g)
                 t.copy_(0.5 + 0.1 * noise if name.endswith("gamma") else t + 0.02 * noise)
-        model = build_vit(model_preset(preset, stem="linear"), num_classes=args.classes)
+        model = build_vit(from_flat(model_preset(preset, stem="linear")), num_classes=args.classes)
         sd = {k: v.numpy() for k, v in tm.state_dict().items()}
         t0 = time.perf_counter()
         variables = timm_to_variables(sd, model)

@@ -16,10 +16,8 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from sslvit.runtime import keep_host_memory  # noqa: E402
 

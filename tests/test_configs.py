@@ -70,3 +70,20 @@ def test_keys_added_with_plus_are_rejected_in_one_line(override, expected):
     with pytest.raises(ConfigError) as err:
         PretrainConfig.parse(compose_config("pretrain", [override]))
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("script,overrides,keys", [
+    ("pretrain", [], {}), ("finetune", ["run=null"], {"run": None}),
+    ("linear_probe", ["run=/a/run"], {"run": "/a/run"}),
+])
+def test_benchmarks_compose_the_configs_as_hydra_does(script, overrides, keys):
+    """bench/common.py composes the stages' configs without Hydra (a bare GPU host): the same config."""
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    spec = importlib.util.spec_from_file_location("bench_common", CONF_DIR.parent / "bench" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    ours = OmegaConf.to_container(common.compose(script, **keys))
+    assert ours == OmegaConf.to_container(compose_config(script, overrides), resolve=True)
