@@ -148,7 +148,15 @@ def check_file(path: str | os.PathLike, key: str) -> Path:
         raise ConfigError(f"{key}={os.fspath(path)} is a directory: name a file, e.g. {os.fspath(path)}/grid.png")
     if p.exists() and not os.access(p, os.W_OK):
         raise ConfigError(f"{key}={os.fspath(path)} cannot be written: {_why_unwritable(p)}; choose another path")
-    check_dir(p.parent, f"{key} (its directory)")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{key}={os.fspath(path)} lies under {parent}, which is a file: choose a path under a "
+                          f"directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={os.fspath(path)} cannot be written: {parent} {_why_unwritable(parent)[3:]}; "
+                          f"choose another path")
     return p
 
 
@@ -301,7 +309,7 @@ class RunDir:
         if jax.process_index() == 0:
             try:
                 self.claim(resume=resume)
-            except RunDirError as e:
+            except ConfigError as e:  # every refusal: the others must hear of it, not wait in the broadcast
                 error = e
         elif self.path in _CLAIMS:  # claimed before JAX knew the process index (SLURM task ids): give it back
             self.close()
@@ -362,7 +370,7 @@ class RunDir:
         self._say_who()
         for handler in list(_LOG_HANDLERS):
             if handler.dir == self.path:
-                handler.release()
+                handler.write_held()
 
     def write_results(self, results: Mapping[str, Any]) -> Path:
         """`results.json`, written aside and renamed (a reader never sees half a file); main process only."""
@@ -447,11 +455,11 @@ class RunLogHandler(logging.FileHandler):
                 if len(self._held) < 100_000:
                     self._held.append(record)
                 return
-            self.release()
+            self.write_held()
         super().emit(record)
 
-    def release(self) -> None:
-        """Write the held records; from now on write at once."""
+    def write_held(self) -> None:
+        """Write the held records; from now on write at once. (Not `release`: that is the handler's lock.)"""
         held, self._held = self._held, None
         for record in held or ():
             super().emit(record)

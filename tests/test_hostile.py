@@ -110,7 +110,7 @@ def probe_dir(path: Path) -> Path:
     ("pretrain", ["foo=1"], ["foo is not a key of this config: the keys are", "batch_size"]),
     ("pretrain", ["model.dim=[1"], ["model.dim=[1 is not a valid override"]),
     ("pretrain", ["-m", "stem=linear,mlp"], ["stem=mlp is not an option of stem"]),
-    ("pretrain", ["seed=1", "-m"], ["unrecognized arguments: -m: options such as -m and --cfg go before"]),
+    ("pretrain", ["seed=1", "-m"], ["unrecognized arguments: ", "options such as -m and --cfg go before"]),
     ("finetune", ["run=null", "finetune/mode=fast"],
      ["finetune/mode=fast is not an option of finetune/mode: choose one of attn_only, full, head_only, mlp_only"]),
     ("linear_probe", ["run=/x", "probe.epochz=3"], ["probe.epochz is not a key of probe: the keys are"]),
@@ -475,8 +475,8 @@ def test_signals_in_the_tokenizer_fit_the_loop_and_the_final_evaluation_stop_cle
     evaluation: each run stops with status 75 and one line whose command continues it; the last command finishes
     the run."""
     d = tmp_path / "run"
-    args = [*MICRO, "target=kmeans", "target.vocab_size=16", "target.num_samples=60000", "target.iters=3",
-            "steps=30", "ckpt_every=5", "eval_batches=null", f"hydra.run.dir={d}"]
+    args = [*MICRO, "target=kmeans", "target.vocab_size=16", "target.num_samples=20000", "target.iters=3",
+            "steps=100", "ckpt_every=10", "eval_batches=null", f"hydra.run.dir={d}"]
     w = Watched(env, "pretrain", *args)
     w.wait_for(lambda: w.said("k-means tokenizer: sampling"))
     w.proc.send_signal(signal.SIGINT)
@@ -494,9 +494,9 @@ def test_signals_in_the_tokenizer_fit_the_loop_and_the_final_evaluation_stop_cle
     w.wait_for(lambda: w.said("final evaluation"))
     w.proc.send_signal(signal.SIGTERM)
     line = one_line(w.finish(), 75, "preempted: SIGTERM during the final evaluation",
-                    f"its latest checkpoint is step 30 in {d / 'checkpoints'}")
+                    f"its latest checkpoint is step 100 in {d / 'checkpoints'}")
     assert not (d / "results.json").exists()
 
     done = script(env, "pretrain", *_continue_with(line))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((d / "results.json").read_text())["steps"] == 30
+    assert json.loads((d / "results.json").read_text())["steps"] == 100
