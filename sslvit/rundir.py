@@ -226,8 +226,9 @@ class RunDir:
     # -- claiming --------------------------------------------------------------------------------------------
     def claim(self, *, resume: bool | None) -> None:
         """Check the rules of the module docstring and take the lock; `resume=None` for a stage that cannot resume.
-        Raises RunDirError (one line) and leaves an existing dir as it was. JAX-free: the Hydra callback calls it
-        before the run starts; a second call by the same process is a no-op."""
+        A refusal is one ConfigError line (a RunDirError, or check_dir's for the path) and leaves an existing dir as
+        it was. JAX-free: the Hydra callback calls it before the run starts; a second call by the same process is a
+        no-op."""
         if self.path in _CLAIMS:
             return
         check_dir(self.path, self.key)

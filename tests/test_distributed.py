@@ -212,7 +212,7 @@ def test_every_script_initializes_from_its_distributed_block_first(script, tmp_p
 
     monkeypatch.setattr(sslvit.distributed, "maybe_initialize", initialize)
     cfg = compose_config(script, [] if script == "pretrain" else ["run=null"])
-    assert set(cfg.distributed) == set(KEYS) - {"initialization_timeout"}
+    assert set(cfg.distributed) == set(KEYS)
     assert resolve(cfg.distributed, {}) is None  # the defaults: a plain single-process run
     spec = importlib.util.spec_from_file_location(f"script_{script}", REPO / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
