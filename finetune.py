@@ -13,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from sslvit.cli import run_main
+from sslvit.cli import run_main, script_main
 
 
 def _main(cfg, run_dir):
@@ -35,4 +35,4 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main, __file__, "finetune")

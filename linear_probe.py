@@ -11,7 +11,7 @@ import json
 import hydra
 from omegaconf import DictConfig
 
-from sslvit.cli import run_main
+from sslvit.cli import run_main, script_main
 
 
 def _main(cfg, out_dir):
@@ -33,4 +33,4 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main, __file__, "linear_probe")

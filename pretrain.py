@@ -11,7 +11,7 @@ import json
 import hydra
 from omegaconf import DictConfig
 
-from sslvit.cli import run_main
+from sslvit.cli import run_main, script_main
 
 
 def _main(cfg, run_dir):
@@ -32,4 +32,4 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main, __file__, "pretrain")

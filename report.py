@@ -12,6 +12,7 @@ from pathlib import Path
 
 from sslvit.errors import ConfigError
 from sslvit.report import make_report
+from sslvit.rundir import check_dir
 
 
 def main(argv=None) -> int:
@@ -25,6 +26,7 @@ def main(argv=None) -> int:
     first = Path(args.paths[0])
     out = Path(args.out) if args.out else (first if len(args.paths) == 1 and first.is_dir() else Path("report"))
     try:
+        check_dir(out, "--out")  # before the runs are read: a file or a read-only place is one line
         report = make_report(args.paths, out)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,7 +8,7 @@ patches the target and the prediction (k-means tokens as their codebook patches,
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from sslvit.cli import run_main
+from sslvit.cli import run_main, script_main
 
 
 def _main(cfg, _run_dir):
@@ -26,4 +26,4 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main, __file__, "visualize")

@@ -10,8 +10,11 @@ Guarantees:
 - **Atomic.** orbax writes a step into ``<step>.orbax-checkpoint-tmp*`` and renames it on finalize; only
   finalized steps are listed, so a save interrupted by ``kill -9`` is never taken as the latest (a stale tmp dir
   of the same step is replaced when that step is saved again).
-- **Damage falls back.** ``restore(step=None)`` tries the latest finalized step; if it cannot be read (a file
-  truncated or deleted), it logs a warning naming it and uses the previous one.
+- **Damage falls back.** ``restore(step=None)`` (and ``load_params``/``load_checkpoint`` with ``step=None``) tries
+  the latest finalized step; if it cannot be read (a file truncated or deleted), it logs a warning naming it and
+  uses the previous one. A damaged step asked for by number is an error that names the latest usable step.
+  The asyncio noise orbax's readers leave behind when a read fails ("Event loop is closed", once per pending read)
+  is kept off stderr (`_quiet_closed_loop_noise`).
 - **Async.** Saves are asynchronous (orbax copies device arrays to host before ``save`` returns, so the caller may
   donate or overwrite them right away); ``wait()``/``close()`` block until every save is on disk.
 - **Multi-host.** orbax writes collectively; this module writes nothing itself.
@@ -25,6 +28,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
+import traceback
 from typing import Any, Callable, Mapping, TypeVar
 
 import jax
@@ -35,9 +40,30 @@ from etils import epath
 from sslvit.errors import ConfigError
 from sslvit.rundir import CHECKPOINT_SUBDIR  # readers accept a run dir or its checkpoints dir
 
-__all__ = ["CHECKPOINT_SUBDIR", "Checkpointer", "find_checkpoint_dir", "load_meta", "load_params"]
+__all__ = ["CHECKPOINT_SUBDIR", "Checkpointer", "find_checkpoint_dir", "load_checkpoint", "load_meta", "load_params"]
 
 log = logging.getLogger(__name__)
+
+
+def _quiet_closed_loop_noise() -> None:
+    """Drop one kind of unraisable exception: RuntimeError('Event loop is closed') from asyncio's
+    `call_soon_threadsafe`. When one array of a checkpoint cannot be read, orbax's restore fails and closes its event
+    loop while tensorstore still completes the other reads; each completion then reports the closed loop, one
+    traceback per array (thousands for a real model), burying the one line that says what happened. Everything
+    else goes to the previous hook."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+                and any(f.name == "call_soon_threadsafe" for f in traceback.extract_tb(exc.__traceback__))):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
+_quiet_closed_loop_noise()
 
 STATE, META = "state", "meta"  # orbax item names inside each step directory
 
@@ -88,14 +114,16 @@ def _first_usable(directory: epath.Path, steps: list[int], step: int | None, loa
     if step is not None:
         if step not in steps:
             raise ConfigError(f"no checkpoint for step {step} in {directory}: it holds steps {steps}; pass one of "
-                              f"those, or step=None for the latest")
+                              f"those, or step=null for the latest")
         try:
             return step, load(step)
         except ConfigError:
             raise
         except Exception as e:  # noqa: BLE001 - any read failure of a finalized step means damage
-            raise ConfigError(f"checkpoint {directory / str(step)} is damaged ({_brief(e)}); pass another step "
-                              f"({[s for s in steps if s != step]}) or step=None for the latest usable one") from e
+            usable = _latest_loading([s for s in steps if s != step], load)
+            fix = (f"pass step={usable} (the latest usable one) or step=null" if usable is not None
+                   else f"no other step ({[s for s in steps if s != step]}) is usable either: restore an intact copy")
+            raise ConfigError(f"checkpoint {directory / str(step)} is damaged ({_brief(e)}); {fix}") from e
     candidates = sorted(steps, reverse=True)
     first_error = None
     for i, s in enumerate(candidates):
@@ -109,6 +137,17 @@ def _first_usable(directory: epath.Path, steps: list[int], step: int | None, loa
             log.warning("checkpoint %s is damaged (%s); %s", directory / str(s), _brief(e), nxt)
     raise ConfigError(f"no usable checkpoint in {directory}: all of steps {steps} are damaged (latest: "
                       f"{_brief(first_error)}); restore an intact copy or start a new run") from first_error
+
+
+def _latest_loading(steps: list[int], load: Callable[[int], Any]) -> int | None:
+    """The latest of `steps` that loads (what to suggest instead of a damaged one), or None."""
+    for s in sorted(steps, reverse=True):
+        try:
+            load(s)
+            return s
+        except Exception:  # noqa: BLE001 - damaged (or another model): not a suggestion
+            continue
+    return None
 
 
 def _leaf_shape(x) -> tuple[int, ...]:
@@ -269,6 +308,23 @@ def load_params(directory: str | os.PathLike, step: int | None = None, *,
     step. ``subtree`` restores only that top-level entry of the saved state (default ``"params"``: skips the
     optimizer state); None restores all of it. For probes and fine-tuning, which pick the encoder out of it.
     """
+    if subtree is None:
+        _, trees, meta = load_checkpoint(directory, step, subtrees=None)
+        return trees, meta
+    _, trees, meta = load_checkpoint(directory, step, subtrees=(subtree,))
+    return trees[subtree], meta
+
+
+def load_checkpoint(directory: str | os.PathLike, step: int | None = None, *,
+                    subtrees: tuple[str, ...] | None = ("params",),
+                    optional: tuple[str, ...] = ()) -> tuple[int, dict, dict]:
+    """``(step, {name: tree}, meta)`` of one checkpoint, read in one pass without a template (numpy arrays).
+
+    ``step=None`` takes the latest usable step, falling back past damaged ones; the step returned is the one read,
+    so that everything taken from a checkpoint comes from the same step. ``subtrees``: the top-level entries of the
+    saved state to read (each must exist), plus those of ``optional`` that exist; None: the whole state (returned
+    as the dict itself).
+    """
     path = find_checkpoint_dir(directory)
     mgr = _manager(path, ocp.PyTreeCheckpointHandler())
     try:
@@ -277,20 +333,21 @@ def load_params(directory: str | os.PathLike, step: int | None = None, *,
             if stored is None:
                 raise FileNotFoundError(f"state metadata of step {s} is missing")
             tree = stored.tree
-            if subtree is not None:
-                if not isinstance(tree, Mapping) or subtree not in tree:
-                    keys = sorted(tree) if isinstance(tree, Mapping) else []
-                    raise ConfigError(f"checkpoint {path / str(s)} has no '{subtree}' in its state (it has {keys}); "
-                                      f"pass subtree= one of those, or subtree=None for the whole state")
-                tree = {subtree: tree[subtree]}
+            if subtrees is not None:
+                keys = sorted(tree) if isinstance(tree, Mapping) else []
+                for name in subtrees:
+                    if name not in keys:
+                        raise ConfigError(f"checkpoint {path / str(s)} has no '{name}' in its state (it has {keys}); "
+                                          f"pass subtree= one of those, or subtree=None for the whole state")
+                tree = {name: tree[name] for name in (*subtrees, *optional) if name in keys}
             restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
             out = mgr.restore(s, args=ocp.args.Composite(**{
                 STATE: ocp.args.PyTreeRestore(item=tree, restore_args=restore_args, partial_restore=True),
                 META: ocp.args.JsonRestore()}))
-            state = out[STATE]
-            return (state[subtree] if subtree is not None else state), dict(out[META] or {})
+            return dict(out[STATE]), dict(out[META] or {})
 
-        return _first_usable(path, sorted(mgr.all_steps()), step, load)[1]
+        s, (trees, meta) = _first_usable(path, sorted(mgr.all_steps()), step, load)
+        return s, trees, meta
     finally:
         mgr.close()
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
 from typing import Any, Mapping, Optional
 
 from sslvit.config.checks import Integer
@@ -93,11 +95,29 @@ def resolve(cfg: Any = None, environ: Mapping[str, str] = os.environ) -> Optiona
     return None
 
 
+def expected_process_index(cfg: Any = None, environ: Mapping[str, str] = os.environ) -> int:
+    """This process's index as `maybe_initialize` will make it, known before JAX starts (0 in a single-process run):
+    the run dir is claimed by process 0 before anything else happens (sslvit/rundir.py)."""
+    kw = resolve(cfg, environ)
+    if kw is None:
+        return 0
+    if "process_id" in kw:
+        return int(kw["process_id"])
+    return int(environ.get("SLURM_PROCID", "0") or 0)  # JAX's SLURM detection uses the task id
+
+
+DEFAULT_INIT_TIMEOUT = 300  # seconds: jax.distributed.initialize's own default
+
+
 def maybe_initialize(cfg: Any = None) -> bool:
     """Call `jax.distributed.initialize` when the config or environment asks for several processes.
 
     Call it before any other JAX call (device queries included). Returns True when this is a multi-process run.
     Safe to call twice (the second call does nothing).
+
+    When a process does not join within `initialization_timeout` seconds, JAX ends every process with an abort and
+    a C++ stack (status 134). A watchdog ends this process a moment before that instead, with one `error:` line
+    naming the coordinator and the timeout (status 2): JAX's own deadline is set a little later.
     """
     import jax  # noqa: PLC0415
 
@@ -106,7 +126,22 @@ def maybe_initialize(cfg: Any = None) -> bool:
         return jax.distributed.is_initialized()
     if jax.distributed.is_initialized():
         return True
-    jax.distributed.initialize(**kw)
+    timeout = int(kw.pop("initialization_timeout", DEFAULT_INIT_TIMEOUT))
+    address = kw.get("coordinator_address") or os.environ.get("SLURM_STEP_NODELIST", "the SLURM step's first node")
+    joined = threading.Event()
+
+    def watchdog():
+        if not joined.wait(timeout):
+            print(f"error: distributed start-up: not all processes joined the coordinator at {address} within "
+                  f"{timeout} s (distributed.initialization_timeout): start every process (num_processes), check "
+                  f"that they reach that address, or raise the timeout", file=sys.stderr, flush=True)
+            os._exit(2)  # the main thread is inside JAX's C++ connect; this is the only way out before its abort
+
+    threading.Thread(target=watchdog, name="distributed-start-watchdog", daemon=True).start()
+    try:
+        jax.distributed.initialize(initialization_timeout=timeout + 30, **kw)
+    finally:
+        joined.set()
     if jax.process_index() != 0:
         quiet_non_main_process()
     log.info("distributed: %d processes, %d devices (%d local)", jax.process_count(), jax.device_count(),

@@ -24,6 +24,7 @@ import optax
 from sslvit import data as data_lib
 from sslvit.config.checks import MISSING_VALUE
 from sslvit.config.stages import FinetuneConfig
+from sslvit.data.config import check_classes
 from sslvit.errors import ConfigError
 from sslvit.evaluators import Top1Evaluator
 from sslvit.finetune_modes import make_mode, partition
@@ -89,6 +90,7 @@ class Finetuning(TrainingStage):
     # ----------------------------------------------------------------------------------------- hooks
     def prepare(self):
         info = data_lib.dataset_info(self.data_cfg)  # a missing dataset fails here, before anything is written
+        check_classes(info, "fine-tuning a classifier")
         if info.num_classes != self.num_classes:
             raise ConfigError(f"data.num_classes={self.num_classes} but {info.name} has {info.num_classes} classes")
         return info

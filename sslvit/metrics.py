@@ -172,6 +172,14 @@ class MetricWriter:
             self._events.scalars(int(step), values)
             self._events.flush()
 
+    def note(self, step: int, **fields: Any) -> None:
+        """A row of facts that are not scalars (e.g. the config changes of a resume), in metrics.jsonl only: read
+        back by `read_metrics` like any row; plots and tables skip it (no loss)."""
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": int(step), **fields}, default=str) + "\n")
+        self._jsonl.flush()
+
     def flush(self) -> None:
         if self._jsonl is not None:
             self._jsonl.flush()

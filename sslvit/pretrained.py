@@ -72,8 +72,9 @@ def checkpoint_dir(run: str | os.PathLike) -> Path:
     return sub
 
 
-def checkpoint_step(run: str | os.PathLike, step: Optional[int] = None) -> tuple[Path, int]:
-    """(checkpoint dir, step) of `run`: `step` checked against the complete checkpoints, default the latest."""
+def checkpoint_step(run: str | os.PathLike, step: Optional[int] = None) -> tuple[Path, Optional[int]]:
+    """(checkpoint dir, step) of `run`: `step` checked against the complete checkpoints. `step=None` stays None:
+    the latest *usable* step is found when the checkpoint is read (`load_checkpoint` falls back past damage)."""
     from sslvit.checkpoint import Checkpointer  # noqa: PLC0415
 
     ckpt_dir = checkpoint_dir(run)
@@ -88,27 +89,22 @@ def checkpoint_step(run: str | os.PathLike, step: Optional[int] = None) -> tuple
                           f"dir of a pretraining run that saved at least one checkpoint")
     if step is not None and step not in steps:
         raise ConfigError(f"step={step} is not a checkpoint of {ckpt_dir}: choose one of {steps}, or null")
-    return ckpt_dir, steps[-1] if step is None else step
+    return ckpt_dir, step
 
 
 def load_encoder(run: str | os.PathLike, step: Optional[int] = None) -> TrainedEncoder:
-    """The encoder of the run's checkpoint at `step` (default: the latest complete one)."""
-    from sslvit.checkpoint import load_params  # noqa: PLC0415
+    """The encoder of the run's checkpoint at `step` (default: the latest usable one: a damaged latest checkpoint
+    is named in a warning and the one before it is used, as when a training run resumes)."""
+    from sslvit.checkpoint import load_checkpoint  # noqa: PLC0415
 
     ckpt_dir, step = checkpoint_step(run, step)
-    params, meta = load_params(ckpt_dir, step=step, subtree="params")
+    # fine-tuning splits params into trainable and frozen; BatchNorm stems keep statistics: all from one step
+    step, tree, meta = load_checkpoint(ckpt_dir, step, subtrees=("params",), optional=("frozen", "batch_stats"))
     meta = dict(meta or {})
     encoder = encoder_from_meta(meta)
     if encoder is None:
         raise ConfigError(f"the checkpoint in {ckpt_dir} has no saved encoder description (meta 'encoder'): it was "
                           f"not written by pretrain.py or finetune.py")
-    tree = {"params": params}
-    for extra in ("frozen", "batch_stats"):  # fine-tuning splits params; BatchNorm stems keep statistics
-        try:
-            tree[extra] = load_params(ckpt_dir, step=step, subtree=extra)[0]
-        except ConfigError as e:
-            if f"no '{extra}'" not in str(e):
-                raise
     params, batch_stats = _encoder_trees(tree, ckpt_dir)
     return TrainedEncoder(run_dir=run_dir_of_checkpoints(ckpt_dir), step=int(step), encoder=encoder, params=params,
                           batch_stats=batch_stats, meta=meta)

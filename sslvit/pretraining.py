@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sslvit import masking, targets
+from sslvit import masking, signals, targets
 from sslvit import data as data_lib
 from sslvit.config.stages import PretrainConfig
 from sslvit.distributed import is_main_process
@@ -64,6 +64,8 @@ class Pretraining(TrainingStage):
             raise ConfigError(f"target.path={path!r}: no such file; point it at the {targets.TOKENIZER_FILENAME} of "
                               f"an earlier run, or set target.path=null to fit a new tokenizer")
         self.target = build_target(self.target_cfg, self.encoder)
+        if path is not None:  # read now: a file that is not this target's tokenizer fails before anything runs
+            self.target.load(Path(os.path.expanduser(str(path))))
         self.model = MaskedImageModel(self.encoder, self.target.num_outputs)
         self.data_cfg = c.data
 
@@ -79,24 +81,41 @@ class Pretraining(TrainingStage):
         """Fit the target's tokenizer (or load it: `target.path`, or the run's own when resuming)."""
         saved = self.run_dir.tokenizer_file
         cfg = dict(self.target_cfg)
+        fits = type(self.target).fit is not targets.Target.fit  # the target has a state of its own (a codebook)
         if self.config.resume and saved.exists():
             cfg["path"] = str(saved)  # a resumed run keeps the tokenizer it started with
+        elif self.config.resume and fits and self.run_dir.checkpoint_steps():
+            raise ConfigError(f"{saved} is missing, but the run's checkpoints were trained against it: put it back "
+                              f"(a new tokenizer would give other tokens), or start a new run in another "
+                              f"{self.run_dir.key}")
 
         def images():
-            # Every process reads the same images (the whole split, not its shard): one tokenizer for all.
-            it = data_lib.make_train_iterator(self.data_cfg, batch_size=min(256, self.batch_size * 2),
-                                              image_size=self.image_size, seed=self.config.seed + 1, augment=False,
-                                              process_index=0, process_count=1)
+            # Every process reads the same images (the whole split, not its shard): one tokenizer for all. Batches
+            # of up to 256 images, never more than the split holds (a small split is a valid one).
+            batch = max(1, min(256, self.batch_size * 2, self.info.num_train))
+            it = data_lib.make_train_iterator(self.data_cfg, batch_size=batch, image_size=self.image_size,
+                                              seed=self.config.seed + 1, augment=False, process_index=0,
+                                              process_count=1)
             return (b["image"] for b in it)
 
+        if not cfg.get("path") and fits:
+            signals.phase("tokenizer fit")
         state = targets.fit_or_load(self.target, cfg, images, self.config.seed,
-                                    self.run_dir.path if is_main_process() else None)
+                                    self.run_dir.path if is_main_process() else None, key=self._tokenizer_key(cfg))
+        signals.phase("set-up")
         if jax.process_count() > 1:  # bit-identical consts on every process, whatever each device computed
             from jax.experimental import multihost_utils  # noqa: PLC0415
 
             state = multihost_utils.broadcast_one_to_all(state)
         self.consts = jax.tree.map(jnp.asarray, state)
         return self.consts
+
+    def _tokenizer_key(self, cfg: Mapping) -> str:
+        """How messages name the tokenizer file being read: the user's target.path, or the run's own."""
+        path = cfg.get("path")
+        if path and Path(str(path)).expanduser().absolute() == self.run_dir.tokenizer_file.absolute():
+            return "the run's tokenizer"
+        return "target.path"
 
     def initial_variables(self):
         shape = (1, self.image_size, self.image_size, self.encoder.channels)

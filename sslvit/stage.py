@@ -1,15 +1,22 @@
 """The run skeleton every stage shares, written once.
 
 `Stage.run()`:  validate the whole config (the constructor) -> `prepare()` (dataset metadata, trained weights:
-anything that can fail on bad input, nothing written) -> create the run dir -> `execute()` -> results.json.
+anything that can fail on bad input, nothing written) -> claim the run dir (sslvit/rundir.py: its stage, its lock,
+resume=true for a dir holding a run) -> `check_resume()` -> `execute()`, which commits the run dir before its first
+write into an existing one -> results.json.
 
 `TrainingStage.execute()` (pretraining, fine-tuning) is the training run:
 
-    mesh -> checkpointer (a dir that already holds checkpoints needs resume=true) -> setup() (e.g. fit the
-    tokenizer) -> build(): initial variables, optimiser, replicated train state, one jitted donated step ->
-    restore the latest checkpoint (resume=true) -> compile the step ahead of time (compile time and XLA's peak
-    memory go into the results) -> train batches from the resume step, prefetched to the devices -> metrics ->
-    `train.fit` (logging, checkpoints, SIGTERM) -> evaluators -> results
+    mesh -> checkpointer -> build(): initial variables, optimiser, replicated train state, one jitted donated step
+    -> restore the latest checkpoint (resume=true) -> setup() (e.g. fit or load the tokenizer) -> commit -> compile
+    the step ahead of time (compile time and XLA's peak memory go into the results) -> train batches from the
+    resume step, prefetched to the devices -> metrics -> `train.fit` (logging, checkpoints, SIGTERM) ->
+    evaluators -> results
+
+A resumed run must continue the run it resumes: `steps` below the step it reached, or another value of a key that
+the run's course depends on (seed, batch size, data, model, ...: everything but `RESUME_MAY_CHANGE`), is refused
+before anything is written, unless `resume_changes=true` asks for it; the change is then logged and recorded in
+metrics.jsonl and the results.
 
 A stage supplies its config schema (`Config`), `prepare`, and for training: `initial_variables`, `loss_fn`,
 `train_batches`, `batch_spec`, `evaluators`, `meta` and `results`. Everything else is here.
@@ -25,10 +32,11 @@ from typing import Any, ClassVar, Iterator, Mapping
 import jax
 import numpy as np
 
+from sslvit import signals
 from sslvit.config.checks import Group
 from sslvit.errors import ConfigError
 from sslvit.distributed import is_main_process
-from sslvit.rundir import RunDir
+from sslvit.rundir import METRICS_FILE, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +70,9 @@ class Stage:
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[Group]]
+    # Whether `run` commits the run dir before `execute` (which may then write at once); a training stage commits
+    # itself, after the restore of a resumed run, so that a failed restore leaves its dir untouched.
+    commits_first: ClassVar[bool] = True
 
     def __init__(self, cfg: Mapping, run_dir: str | os.PathLike | None):
         """Parse and check the whole config. Without a run dir the stage only rebuilds its pieces (a run's model for
@@ -91,17 +102,64 @@ class Stage:
         """Everything that reads input and can fail on it, before the run dir is touched (default: nothing)."""
         return None
 
+    @property
+    def resume(self) -> bool | None:
+        """Whether this run continues the one in its dir; None for a stage that cannot resume (the probe)."""
+        return getattr(self.config, "resume", None)
+
     def run(self) -> dict:
-        self.info = self.prepare()
         if self.run_dir is None:
             raise ValueError(f"{type(self).__name__} was built without a run dir: pass one to run it")
-        self.run_dir.create()
-        results = self.execute()
-        self.run_dir.write_results(results)
+        self.info = self.prepare()
+        self.run_dir.open(resume=self.resume)  # refusals here leave an existing dir as it was
+        try:
+            self.check_resume()
+            if self.commits_first:
+                self.commit()
+            results = self.execute()
+            self.commit()
+            signals.phase("writing results")
+            self.run_dir.write_results(results)
+        finally:
+            self.run_dir.close()
         return results
+
+    def check_resume(self) -> None:
+        """Checks of a resumed run against the run it continues, before anything is written (TrainingStage)."""
+
+    def commit(self) -> None:
+        """From here on the run writes into its dir (sslvit/rundir.py); idempotent."""
+        self.run_dir.commit()
 
     def execute(self) -> dict:
         raise NotImplementedError
+
+
+# Keys a resumed run may change without `resume_changes=true`: how long and how it is logged, checkpointed and
+# evaluated; the optimiser (lowering optim.lr is how a diverging run is rescued); where the data lies and how it is
+# read; the compute dtype and memory options (model.dtype=float32 rescues a bfloat16 run); process layout.
+RESUME_MAY_CHANGE = ("steps", "resume", "resume_changes", "progress", "log_every", "ckpt_every", "keep_checkpoints",
+                     "eval_batches", "max_nonfinite_streak", "optim.", "distributed.", "data.data_dir", "data.cache",
+                     "data.download", "data.verify_images", "data.on_corrupt", "model.dtype", "model.remat",
+                     "model.unroll_layers", "target.path", "monitor.")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in (tree.items() if isinstance(tree, Mapping) else ()):
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def resume_differences(before: Mapping, now: Mapping) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (value the run had, value now)} for the keys both configs have, outside RESUME_MAY_CHANGE."""
+    a, b = _flat(before), _flat(now)
+    return {k: (a[k], b[k]) for k in sorted(a.keys() & b.keys())
+            if a[k] != b[k] and not any(k == m or (m.endswith(".") and k.startswith(m)) for m in RESUME_MAY_CHANGE)}
 
 
 class TrainingStage(Stage):
@@ -109,11 +167,13 @@ class TrainingStage(Stage):
 
     layer_decay_depth: int | None = None  # depth for layer-wise lr decay (fine-tuning); None: no layer decay
     progress_label = "train"
+    commits_first = False  # execute() commits after the restore (a damaged run's dir stays as it was)
+    resume_changes: dict[str, tuple[Any, Any]] = {}  # keys changed on resume (resume_changes=true)
 
     # -------------------------------------------------------------------------------------- hooks
     def setup(self) -> Any:
-        """Constants the step reads but never changes (e.g. the tokenizer's codebook), made after the checkpoint
-        check and before the state; `None` when there are none."""
+        """Constants the step reads but never changes (e.g. the tokenizer's codebook), made after the restore and
+        before the compile; `None` when there are none. A resumed run must only read here (it has not committed)."""
         return None
 
     def initial_variables(self) -> tuple[Any, Any, Any]:
@@ -165,6 +225,33 @@ class TrainingStage(Stage):
         sh = batch_sharding(mesh)
         return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sh) for k, (shape, dtype) in self.batch_spec().items()}
 
+    def check_resume(self) -> None:
+        """A resumed run continues its run: `steps` not below the step reached, and the keys that decide the run's
+        course as they were (the config saved with the latest usable checkpoint), unless resume_changes=true."""
+        cfg = self.config
+        steps = self.run_dir.checkpoint_steps()
+        if not cfg.resume or not steps:
+            return
+        key = self.run_dir.key
+        if cfg.steps < steps[-1]:
+            raise ConfigError(f"steps={cfg.steps} is below step {steps[-1]}, which the run in {self.run_dir.path} "
+                              f"already reached: pass steps={steps[-1]} or more to continue it (or choose another "
+                              f"{key} for a shorter run)")
+        from sslvit.checkpoint import load_meta  # noqa: PLC0415
+
+        before = load_meta(self.run_dir.checkpoints).get("config")  # falls back past damaged steps
+        changed = resume_differences(before, to_dict(self.raw_config)) if isinstance(before, Mapping) else {}
+        if changed and not cfg.resume_changes:
+            k, (was, now) = next(iter(changed.items()))
+            more = f" (and {len(changed) - 1} more: {', '.join(list(changed)[1:4])})" if len(changed) > 1 else ""
+            raise ConfigError(f"resume=true with {k}={now!r}, but the run in {self.run_dir.path} was trained with "
+                              f"{k}={was!r}{more}: a resumed run is exact only with the same values; drop the "
+                              f"override, or pass resume_changes=true to continue with the change (recorded in "
+                              f"{METRICS_FILE})")
+        self.resume_changes = changed
+        for k, (was, now) in changed.items():
+            log.warning("resume_changes=true: %s changes from %r to %r on resume", k, was, now)
+
     def execute(self) -> dict:
         from sslvit.checkpoint import Checkpointer  # noqa: PLC0415
         from sslvit.metrics import MetricWriter  # noqa: PLC0415
@@ -176,11 +263,6 @@ class TrainingStage(Stage):
         ckpt = Checkpointer(self.run_dir.checkpoints, max_to_keep=cfg.keep_checkpoints)
         try:
             latest = ckpt.latest_step()
-            if latest is not None and not cfg.resume:
-                raise ConfigError(f"{self.run_dir.path} already holds checkpoints: pass resume=true to continue that "
-                                  f"run, or choose another hydra.run.dir")
-            consts = self.setup()
-            consts = jax.device_put(consts, rep) if consts is not None else None
             state, train_step = self.build(mesh, cfg.steps)
             start = 0
             if cfg.resume and latest is not None:
@@ -190,6 +272,10 @@ class TrainingStage(Stage):
                 log.info("resumed from step %d in %s", start, ckpt.directory)
             elif cfg.resume:
                 log.info("resume=true but no checkpoint in %s: starting from step 0", ckpt.directory)
+            consts = self.setup()
+            consts = jax.device_put(consts, rep) if consts is not None else None
+            self.commit()  # from here on the run writes into its dir
+            signals.phase("compile")
 
             t0 = time.perf_counter()
             compiled = train_step.lower(state, self.abstract_batch(mesh), consts).compile()
@@ -199,6 +285,8 @@ class TrainingStage(Stage):
 
             batches = prefetch_to_device(self.train_batches(start), batch_sharding(mesh))
             writer = MetricWriter(self.run_dir.path, enabled=is_main_process(), resume_step=start)
+            if self.resume_changes:
+                writer.note(start, resume_changes={k: list(v) for k, v in self.resume_changes.items()})
             t0 = time.perf_counter()
             try:
                 state, last = fit(state=state, step_fn=compiled, batches=batches, consts=consts,
@@ -219,8 +307,14 @@ class TrainingStage(Stage):
                    "step_time_s": (self.batch_size / ips) if ips else None, "train_seconds": round(train_seconds, 2),
                    "nonfinite_steps": last.get("nonfinite_steps"), "compile_seconds": round(self.compile_seconds, 2),
                    "peak_memory_bytes": self.memory.get("peak"), "memory": self.memory}
+        if self.resume_changes:
+            results["resume_changes"] = {k: list(v) for k, v in self.resume_changes.items()}
         results.update(self.results(state, last))
-        for evaluator in self.evaluators(mesh):
+        signals.phase("final evaluation")
+        evaluators = self.evaluators(mesh)
+        if evaluators:
+            log.info("final evaluation: %s", ", ".join(type(e).__name__ for e in evaluators))
+        for evaluator in evaluators:
             results.update(dict(evaluator.run(state)))
         return results
 

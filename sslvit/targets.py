@@ -22,6 +22,7 @@ import abc
 import logging
 import os
 import time
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sslvit import signals
 from sslvit.config.checks import Boolean, Integer
 from sslvit.errors import ConfigError
 from sslvit.kmeans import kmeans, nearest_code
@@ -188,32 +190,44 @@ class Target(abc.ABC):
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"__target__": np.asarray(self.name), "__patch_size__": np.asarray(self.patch_size),
                 "__channels__": np.asarray(self.channels)}
-        # Written aside, then renamed: a run killed mid-write must not leave a truncated tokenizer for resume.
+        # Written aside, then renamed: a run killed mid-write must not leave a truncated tokenizer for resume (and a
+        # stop signal waits for the rename: no stray temporary file).
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to other suffixes
-            np.savez(f, **meta, **_flatten(jax.device_get(state)))
-        os.replace(tmp, path)
+        with signals.deferred():
+            with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to other suffixes
+                np.savez(f, **meta, **_flatten(jax.device_get(state)))
+            os.replace(tmp, path)
         return path
 
-    def load(self, path: str | Path) -> State:
+    def load(self, path: str | Path, key: str = "target.path") -> State:
+        """The state saved at `path`, checked against this target's config. `key` names the file in messages (the
+        user's `target.path`, or "the run's tokenizer" when a run resumes with its own)."""
         path = Path(path)
+        what = f"{key}={str(path)!r}" if key == "target.path" else f"{key} {path}"
         if not path.is_file():
             raise ConfigError(
-                f"target.path={str(path)!r}: no such file; point it at a {TOKENIZER_FILENAME} saved by an "
-                f"earlier run, or set target.path=null to fit a new tokenizer"
+                f"{what}: no such file; point it at a {TOKENIZER_FILENAME} saved by an "
+                f"earlier run, or set target.path=null to fit a new tokenizer" if key == "target.path" else
+                f"{what} is missing: restore it from a copy (the run's checkpoints were trained against it)"
             )
-        with np.load(path, allow_pickle=False) as data:
-            flat = {k: data[k] for k in data.files}
-        saved = (str(flat.pop("__target__", "?")), int(flat.pop("__patch_size__", -1)),
-                 int(flat.pop("__channels__", -1)))
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                flat = {k: data[k] for k in data.files}
+            saved = (str(flat.pop("__target__", "?")), int(flat.pop("__patch_size__", -1)),
+                     int(flat.pop("__channels__", -1)))
+        except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as e:  # truncated, not npz
+            fix = ("restore it from a copy (the run's checkpoints were trained against it)" if key != "target.path"
+                   else f"point target.path at a {TOKENIZER_FILENAME} saved by pretrain.py, or set target.path=null")
+            raise ConfigError(f"{what} is not a readable tokenizer file ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:120]}): {fix}") from e
         if saved != (self.name, self.patch_size, self.channels):
             raise ConfigError(
-                f"target.path={str(path)!r}: saved for target={saved[0]}, patch_size={saved[1]}, channels={saved[2]} "
+                f"{what}: saved for target={saved[0]}, patch_size={saved[1]}, channels={saved[2]} "
                 f"but this run uses target={self.name}, patch_size={self.patch_size}, channels={self.channels}; "
                 f"match the config or set target.path=null to fit a new one"
             )
         state = _unflatten(flat)
-        self.validate_state(state, source=f"target.path={str(path)!r}")
+        self.validate_state(state, source=what)
         return state
 
 
@@ -280,6 +294,8 @@ class KMeansTarget(Target):
         else:
             num_samples = Integer(min=self.vocab_size)(num_samples, "target.num_samples")
         t0 = time.perf_counter()
+        logger.info("k-means tokenizer: sampling %d patches, then %d iterations of K=%d", num_samples, self.iters,
+                    self.vocab_size)
         x = self.sample_patches(images_iterator, rng, num_samples)
         t1 = time.perf_counter()
         result = kmeans(x, self.vocab_size, iters=self.iters, seed=int(rng.integers(2**31)))
@@ -375,15 +391,16 @@ def fit_or_load(
     images_iterator: Iterable[Any] | Callable[[], Iterable[Any]],
     seed: int | np.random.Generator,
     run_dir: str | Path | None,
+    key: str = "target.path",
 ) -> State:
     """Load the tokenizer at `cfg['path']` if set, else fit one; save it to `run_dir/tokenizer.npz`.
 
     `images_iterator` may be a zero-argument callable returning the iterator, so no data pipeline is
-    built when a saved tokenizer is loaded.
+    built when a saved tokenizer is loaded. `key` names the loaded file in messages (`Target.load`).
     """
     path = cfg.get("path") if isinstance(cfg, Mapping) or hasattr(cfg, "get") else None
     if path:
-        state = target.load(Path(str(path)).expanduser())
+        state = target.load(Path(str(path)).expanduser(), key=key)
         logger.info("target %s: loaded state from %s", target.name, path)
     else:
         images = images_iterator() if callable(images_iterator) else images_iterator

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import signal
 import threading
 import time
 from typing import Any, Callable, Iterator, Mapping, Optional
@@ -23,6 +22,7 @@ import optax
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sslvit import signals
 from sslvit.distributed import is_main_process
 from sslvit.finetune_modes import merge
 
@@ -187,41 +187,6 @@ class NonFiniteError(RuntimeError):
     pass
 
 
-class _StopSignal:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (never mid-step, never mid-save).
-
-    Also SIGUSR2 when a Python handler already owns it: submitit's (hydra/launcher=submitit_slurm) notice of the
-    time limit or a preemption. The loop saves first, then `forward()` hands the signal to that handler (which
-    requeues the job)."""
-
-    def __init__(self):
-        self.received: Optional[int] = None
-        self._old = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            sigs = [signal.SIGTERM, signal.SIGINT]
-            if callable(signal.getsignal(signal.SIGUSR2)):
-                sigs.append(signal.SIGUSR2)
-            for sig in sigs:
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def forward(self) -> None:
-        old = self._old.get(signal.SIGUSR2)
-        if self.received == signal.SIGUSR2 and callable(old):
-            old(signal.SIGUSR2, None)
-
-    def _handle(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:  # a second Ctrl-C: give up at once
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 def _on_any_process(flag: bool) -> bool:
     """`flag` OR-ed over processes. A signal reaches the processes of a multi-host job at slightly different
     steps, but the checkpoint save is collective: all must stop after the same step. One tiny all-gather per step
@@ -247,7 +212,8 @@ def fit(*, state: TrainState, step_fn, batches: Iterator[dict], total_steps: int
     bar = tqdm(total=total_steps, initial=start, desc=desc, disable=not (progress and is_main), dynamic_ncols=True)
     last: dict = {}
     t_last, step_last = time.perf_counter(), start
-    with _StopSignal() as stop:
+    signals.phase("training loop")
+    with signals.stop_signals() as stopper, stopper.deferred() as stop:
         for step in range(start, total_steps):
             batch = next(batches)
             state, metrics = step_fn(state, batch, consts)
@@ -276,15 +242,23 @@ def fit(*, state: TrainState, step_fn, batches: Iterator[dict], total_steps: int
                 checkpointer.wait()
                 writer.flush()
                 bar.close()
-                stop.forward()
-                raise Preempted(done)
+                _preempted(stop, done)
             if done % ckpt_every == 0 and done != total_steps:
                 checkpointer.save(done, state, meta=meta)
-    checkpointer.save(total_steps, state, meta=meta, force=True)
-    checkpointer.wait()
-    writer.flush()
-    bar.close()
+        checkpointer.save(total_steps, state, meta=meta, force=True)
+        checkpointer.wait()
+        writer.flush()
+        bar.close()
+        if _on_any_process(stop.received is not None):  # the signal came during the final save: it is on disk
+            _preempted(stop, total_steps)
     return state, last
+
+
+def _preempted(stop, step: int):
+    """The loop saved `step` after a stop signal: hand SIGUSR2 on to submitit, then raise Preempted."""
+    stop.forward()
+    stop.received = None  # acted upon
+    raise Preempted(step)
 
 
 def memory_report(compiled) -> dict:

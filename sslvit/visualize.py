@@ -31,6 +31,7 @@ CELL_PX = 128  # small images are upscaled (nearest) by an integer factor to abo
 PAD_PX = 4  # white space between and around cells
 HEADER_PX = 64  # title (two lines) and column labels
 DPI = 100
+MAX_PIXELS = 64 * 10**6  # the PNG's size limit: its float32 RGB grid alone is 768 MB
 MASK_GREY = 0.5
 FADE = 0.6  # visible patches in the target/prediction columns: this much of the way to white
 
@@ -72,6 +73,11 @@ def composite(masked_content: np.ndarray, visible_content: np.ndarray, pixel_mas
 
 def upscale(images: np.ndarray, scale: int) -> np.ndarray:
     return np.repeat(np.repeat(images, scale, axis=-3), scale, axis=-2) if scale > 1 else images
+
+
+def _area(num_rows: int, image_px: int, scale: int) -> int:
+    h, w = grid_size(num_rows, (image_px, image_px), scale)
+    return h * w
 
 
 def default_scale(image_px: int) -> int:
@@ -122,25 +128,20 @@ def load_run(run: str | os.PathLike, step: int | None = None) -> LoadedRun:
     """Rebuild the pretraining model of `run` with the pretraining stage's own builders, from the config saved in
     its checkpoint meta, and load its weights and tokenizer."""
     from sslvit import targets  # noqa: PLC0415
-    from sslvit.checkpoint import load_params  # noqa: PLC0415
+    from sslvit.checkpoint import load_checkpoint  # noqa: PLC0415
     from sslvit.pretrained import checkpoint_step  # noqa: PLC0415
     from sslvit.pretraining import Pretraining  # noqa: PLC0415
     from sslvit.rundir import run_dir_of_checkpoints  # noqa: PLC0415
 
-    ckpt_dir, step = checkpoint_step(run, step)
-    params, meta = load_params(ckpt_dir, step=step, subtree="params")
+    ckpt_dir, step = checkpoint_step(run, step)  # step=None: the latest usable one (past a damaged latest)
+    step, trees, meta = load_checkpoint(ckpt_dir, step, subtrees=("params",), optional=("batch_stats",))
+    params, batch_stats = trees["params"], trees.get("batch_stats") or {}  # no BatchNorm: no batch_stats entry
     if meta.get("stage") != "pretrain" or not isinstance(meta.get("config"), Mapping):
         raise ConfigError(f"run={os.fspath(run)!r} is a {meta.get('stage', 'unknown')!r} run: visualize needs a "
                           f"pretraining run (made by pretrain.py; its checkpoint meta holds stage 'pretrain')")
     if "head" not in params or "encoder" not in params:
         raise ConfigError(f"the checkpoint in {ckpt_dir} has no pretext head (params hold {sorted(params)}); pass the "
                           f"dir of a pretraining run")
-    try:
-        batch_stats = load_params(ckpt_dir, step=step, subtree="batch_stats")[0]
-    except ConfigError as e:  # no BatchNorm in this model: the state holds no batch_stats entry
-        if "no 'batch_stats'" not in str(e):
-            raise
-        batch_stats = {}
 
     cfg = dict(meta["config"])
     cfg["target"] = dict(cfg["target"], path=None)  # the run's own tokenizer is loaded below
@@ -148,7 +149,7 @@ def load_run(run: str | os.PathLike, step: int | None = None) -> LoadedRun:
     run_dir = run_dir_of_checkpoints(ckpt_dir)
     target_state: dict = {}
     if stage.target.name == "kmeans":  # a target with a fitted state: the run's own copy of it
-        target_state = stage.target.load(run_dir / targets.TOKENIZER_FILENAME)
+        target_state = stage.target.load(run_dir / targets.TOKENIZER_FILENAME, key="the run's tokenizer")
     variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
     encoder = stage.encoder
     return LoadedRun(run_dir=run_dir, step=step, config=cfg, model=stage.model, variables=variables,
@@ -252,9 +253,24 @@ def visualize(cfg: Mapping, out: str | os.PathLike | None = None) -> dict:
     out); returns {'path', 'metric_name', 'metric', 'num_images', 'step', 'size': (height, width)}."""
     from sslvit.config.stages import VisualizeConfig  # noqa: PLC0415
 
+    from sslvit.rundir import check_file  # noqa: PLC0415
+
     c = VisualizeConfig.parse(cfg)
     num_images, seed, scale = c.num_images, c.seed, c.scale
+    given = out or c.out
+    if given is not None:  # where the PNG goes is checked first, not after everything was computed
+        check_file(given, "out")
     lr = load_run(c.run, c.step)
+    path = Path(given or lr.run_dir / OUTPUT_FILE)
+    if given is None:
+        check_file(path, "out (default: the run dir)")
+    scale = scale or default_scale(lr.image_size)
+    height, width = grid_size(num_images, (lr.image_size, lr.image_size), scale)
+    if height * width > MAX_PIXELS:
+        fit = max((s for s in range(1, scale) if _area(num_images, lr.image_size, s) <= MAX_PIXELS), default=None)
+        raise ConfigError(f"scale={scale} with num_images={num_images} of {lr.image_size}-px images makes a "
+                          f"{width}x{height} px PNG, over the {MAX_PIXELS // 10**6} Mpx limit: "
+                          + (f"use scale={fit} or less" if fit else "use fewer num_images"))
 
     from sslvit import data as data_lib  # noqa: PLC0415  (TensorFlow: only once the run is known to be good)
 
@@ -265,7 +281,6 @@ def visualize(cfg: Mapping, out: str | os.PathLike | None = None) -> dict:
     mask = lr.sampler(np.random.default_rng(seed), len(images))
     panels = compute_panels(lr, images, mask, dc.mean, dc.std)
 
-    scale = scale or default_scale(lr.image_size)
     rows = [[upscale(c, scale) for c in row] for row in panels.rows()]
     if panels.metric_name == "accuracy":
         chance = lr.target.chance_accuracy(lr.target_state)
@@ -275,7 +290,6 @@ def visualize(cfg: Mapping, out: str | os.PathLike | None = None) -> dict:
         what = f"masked-patch MSE on these {len(images)} images: {panels.metric:.4f} (pixel target)"
     title = (f"{lr.run_dir.name} @ step {lr.step}: {lr.sampler.name} mask, {lr.sampler.num_masked}/"
              f"{lr.sampler.num_patches} patches\n{what}")
-    path = Path(out or c.out or lr.run_dir / OUTPUT_FILE)
     size = save_grid(rows, path, title)
     log.info("wrote %s (%dx%d px); %s", path, size[1], size[0], what)
     return {"path": str(path), "metric_name": panels.metric_name, "metric": panels.metric,

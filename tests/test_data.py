@@ -257,7 +257,7 @@ def test_unknown_tfds_name():
         ({"mean": [125.3, 123.0, 113.9]}, "data.mean=.* in \\[0, 1\\] pixel units"),
         ({"std": [0.2, 0.2]}, "data.std=.* list of 3 numbers"),
         ({"shuffle_buffer": 0}, "data.shuffle_buffer=0 must be an integer >= 1"),
-        ({"eval_crop_pct": 1.5}, r"data.eval_crop_pct=1.5 must be a number in \(0, 1\]"),
+        ({"eval_crop_pct": 1.5}, r"data.eval_crop_pct=1.5 must be a number in \[0.25, 1\]"),
         ({"shufle_buffer": 10}, "data.shufle_buffer is not a key of data"),
     ],
 )

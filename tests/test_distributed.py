@@ -20,6 +20,7 @@ from sslvit.distributed import KEYS, resolve, slurm_num_tasks
 
 REPO = CONF_DIR.parent
 RESULTS = "results.json"
+STAGE_FILE = ".stage"  # sslvit/rundir.py
 
 # Worker scripts (tests/workers/): process `pid` of `n` (n=1: a plain single-process run), CPU collectives over
 # gloo; each prints one RESULT line.
@@ -98,8 +99,8 @@ def _stage_pair_and_reference(stage: str, run, tmp_path, overrides: list[str]):
     procs.append(start_worker("stage_pair", 0, 1, 0, stage, run, tmp_path / "one", *overrides))
     (p0, err0), (p1, err1), (one, _) = [finish_worker(p) for p in procs]
     assert (p0["process"], p1["process"], p0["processes"], p1["processes"], one["processes"]) == (0, 1, 2, 2, 1)
-    # Results and logs from process 0 only.
-    assert p0["written"] == [RESULTS] and p1["written"] == [], (p0["written"], p1["written"])
+    # Results, the run dir's stage marker and logs from process 0 only.
+    assert p0["written"] == [STAGE_FILE, RESULTS] and p1["written"] == [], (p0["written"], p1["written"])
     assert "INFO sslvit" in err0 and "INFO sslvit" not in err1, err1[-2000:]
     return p0, p1, one
 
@@ -211,7 +212,7 @@ def test_every_script_initializes_from_its_distributed_block_first(script, tmp_p
 
     monkeypatch.setattr(sslvit.distributed, "maybe_initialize", initialize)
     cfg = compose_config(script, [] if script == "pretrain" else ["run=null"])
-    assert set(cfg.distributed) == set(KEYS) - {"initialization_timeout"}
+    assert set(cfg.distributed) == set(KEYS)
     assert resolve(cfg.distributed, {}) is None  # the defaults: a plain single-process run
     spec = importlib.util.spec_from_file_location(f"script_{script}", REPO / f"{script}.py")
     module = importlib.util.module_from_spec(spec)

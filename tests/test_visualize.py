@@ -66,7 +66,7 @@ def test_grid_png_is_exact(tmp_path):
 
 
 def test_bad_input(tmp_path):
-    with pytest.raises(ConfigError, match="num_images=0 must be an integer >= 1"):
+    with pytest.raises(ConfigError, match=r"num_images=0 must be an integer in \[1, 256\]"):
         visualize({"run": str(tmp_path), "num_images": 0})
     with pytest.raises(ConfigError, match="does not exist"):
         visualize({"run": str(tmp_path / "nope")})

@@ -365,9 +365,17 @@ def _items(cfg: Any, prefix: str) -> dict[str, Any]:
         from omegaconf import DictConfig, OmegaConf  # noqa: PLC0415
 
         if isinstance(cfg, DictConfig):
+            from omegaconf.errors import OmegaConfBaseException  # noqa: PLC0415
+
             out = {}
             for k in cfg.keys():
-                out[str(k)] = MISSING_VALUE if OmegaConf.is_missing(cfg, k) else _container(cfg[k])
+                try:
+                    out[str(k)] = MISSING_VALUE if OmegaConf.is_missing(cfg, k) else _container(cfg[k])
+                except OmegaConfBaseException as e:  # an interpolation that does not resolve: ${oops}, ${oc.env:X}
+                    where, raw, err = _unresolved(cfg, prefix) or (_dotted(prefix, str(k)), "?", e)
+                    why = " ".join(str(err).split("\n")[0].split())
+                    raise ConfigError(f"{where}={raw} cannot be resolved ({why}): give a value, or an interpolation "
+                                      f"of an existing key") from None
             return out
     except ImportError:  # pragma: no cover - omegaconf comes with hydra-core
         pass
@@ -376,6 +384,25 @@ def _items(cfg: Any, prefix: str) -> dict[str, Any]:
     if dataclasses.is_dataclass(cfg):
         return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     raise ConfigError(f"{prefix or 'the config'} must be a mapping of keys to values, got {type(cfg).__name__}")
+
+
+def _unresolved(node: Any, path: str) -> tuple[str, str, Exception] | None:
+    """(dotted key, its raw text, the error) of the first interpolation under `node` that does not resolve."""
+    from omegaconf import DictConfig, ListConfig  # noqa: PLC0415
+    from omegaconf.errors import OmegaConfBaseException  # noqa: PLC0415
+
+    keys = list(node.keys()) if isinstance(node, DictConfig) else list(range(len(node)))
+    for k in keys:
+        where = _dotted(path, str(k)) if isinstance(node, DictConfig) else f"{path}[{k}]"
+        try:
+            value = node[k]
+        except OmegaConfBaseException as e:
+            return where, str(node._get_node(k)._value()), e
+        if isinstance(value, (DictConfig, ListConfig)):
+            found = _unresolved(value, where)
+            if found:
+                return found
+    return None
 
 
 def _container(v: Any) -> Any:

@@ -102,7 +102,9 @@ class DataConfig(Group):
     shuffle_buffer: int = key(Integer(min=1), 10_000)
     crop_scale: tuple[float, float] = key(Numbers(2, Number(gt=0, le=1)), (0.2, 1.0),
                                           hint="[min, max] area fractions, e.g. [0.2, 1.0] or [0.08, 1.0]")
-    eval_crop_pct: float = key(Number(gt=0, le=1), 1.0, hint="e.g. 1.0 (CIFAR) or 0.875 (ImageNet)")
+    # Evaluation resizes the shorter side to image_size / eval_crop_pct before the central crop: the floor keeps that
+    # resize within 4x the image size (a tiny value asked TensorFlow for a gigapixel image at the final evaluation).
+    eval_crop_pct: float = key(Number(ge=0.25, le=1), 1.0, hint="e.g. 1.0 (CIFAR) or 0.875 (ImageNet)")
     flip: bool = key(Boolean(), True)  # random horizontal flip when augmenting
     cache: bool = key(Boolean(), False)  # keep the decoded split in memory (small datasets)
     download: bool = key(Boolean(), True)  # try tfds download_and_prepare when the dataset is not prepared
@@ -192,6 +194,7 @@ class LoopConfig(Group):
     keep_checkpoints: int = key(Integer(min=1), 3)
     eval_batches: int | None = key(Optional(Integer(min=0), "null for the whole test split"), None)
     resume: bool = key(Boolean(), False, hint="(resume=true continues the run in hydra.run.dir)")
+    resume_changes: bool = key(Boolean(), False, hint="(true: a resumed run may change keys such as seed; recorded)")
     max_nonfinite_streak: int = key(Integer(min=1), 20)
     progress: bool = key(Boolean(), True)
 

@@ -22,6 +22,8 @@ from sslvit.pooling import POOLINGS
 from sslvit.targets import TARGETS
 
 _RUN_HINT = "a pretraining run dir: the dir pretrain.py printed, e.g. outputs/pretrain/<date>"
+MAX_VISUALIZE_IMAGES = 256  # rows of the PNG
+MAX_VISUALIZE_SCALE = 64  # integer upscaling of each image (32 px -> 2048 px)
 _INIT_HINT = "a timm or DeiT checkpoint (.safetensors, .pth), described by the model and stem groups"
 
 
@@ -32,6 +34,8 @@ def check_run_or_init(run: Any, init: Any, *, scratch: bool) -> None:
                           + (", or run=null to train from scratch" if scratch else ""))
     if init is not None and run not in (None, MISSING_VALUE):
         raise ConfigError(f"run={run} and init={init} are both set: start from a run or from a file (drop one)")
+
+
 _STEP = Optional(Integer(min=0), "null for the latest")
 
 
@@ -132,11 +136,12 @@ class VisualizeConfig(Group):
 
     run: str = key(Path(), hint=_RUN_HINT)
     step: int | None = key(_STEP, None)
-    num_images: int = key(Integer(min=1), 8)
+    num_images: int = key(Integer(min=1, max=MAX_VISUALIZE_IMAGES), 8, hint="(one row each)")
     seed: int = key(Integer(min=0), 0)
     split: str | None = key(Optional(String(), "null for the run's data.test_split"), None)
     data_dir: str | None = key(Optional(Path()), None)
-    scale: int | None = key(Optional(Integer(min=1), "null for about 128 px"), None)
+    # The PNG's size also depends on the run's image size: sslvit/visualize.py checks it before computing anything.
+    scale: int | None = key(Optional(Integer(min=1, max=MAX_VISUALIZE_SCALE), "null for about 128 px"), None)
     out: str | None = key(Optional(Path(), "null for <run>/mask_predictions.png"), None)
 
 

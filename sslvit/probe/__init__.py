@@ -22,6 +22,7 @@ import numpy as np
 
 from sslvit import data as data_lib
 from sslvit.config.stages import LinearProbeConfig
+from sslvit.data.config import check_classes
 from sslvit.errors import ConfigError
 from sslvit.models import build_vit
 from sslvit.pretrained import load_batch_stats, load_encoder, load_into
@@ -108,7 +109,9 @@ class LinearProbe(Stage):
         return jax.tree.map(jnp.asarray, out)
 
     def prepare(self):
-        return data_lib.dataset_info(self.data_cfg)  # a missing dataset fails here, before anything is written
+        info = data_lib.dataset_info(self.data_cfg)  # a missing dataset fails here, before anything is written
+        check_classes(info, "a linear probe")
+        return info
 
     def execute(self) -> dict:
         info, c = self.info, self.config

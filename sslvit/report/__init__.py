@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sslvit.errors import ConfigError
+from sslvit.rundir import check_dir
 from sslvit.report.discovery import RESULTS_FILE, STAGES, Run, StageSpec, describe, find_runs, flatten, load_runs
 from sslvit.report.plots import plot_by_option, plot_loss_curves, plot_vs_mask_ratio
 from sslvit.report.tables import (Table, build_tables, differing_keys, format_value, mean_std, seed_summary,
@@ -41,8 +42,11 @@ def make_report(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike) 
     if not runs:
         raise ConfigError(f"no run dirs under {', '.join(map(str, paths))}: a run dir holds {RESULTS_FILE} (written "
                           f"when pretrain.py, linear_probe.py or finetune.py finishes); pass finished runs")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_dir(out_dir, "out")  # a file, a path under a file, a read-only place: one line, before any work
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"out={os.fspath(out_dir)} cannot be created ({e.strerror}): choose another directory") from e
     tables = build_tables(runs)
     by_path = {str(r.path): r for r in runs}
     files: list[Path] = []

@@ -28,8 +28,8 @@ HYDRA_CONFIG = Path(HYDRA_SUBDIR) / "config.yaml"
 SKIP_DIRS = {HYDRA_SUBDIR, CHECKPOINT_SUBDIR, TB_DIR, "__pycache__"}  # never hold run dirs; checkpoints can be huge
 
 # Keys that never explain a difference in results (paths, logging, resume bookkeeping).
-IGNORED_KEYS = {"progress", "resume", "run", "data.data_dir", "log_every", "ckpt_every", "keep_checkpoints",
-                "max_nonfinite_streak", "target.path"}
+IGNORED_KEYS = {"progress", "resume", "resume_changes", "run", "data.data_dir", "log_every", "ckpt_every",
+                "keep_checkpoints", "max_nonfinite_streak", "target.path"}
 IGNORED_PREFIXES = ("distributed.",)  # process/launcher setup: results do not depend on it
 # Option columns come first in this order (the ablations of the paper), then alphabetically, seed keys last.
 KEY_PRIORITY = ("stem.name", "stem.norm", "model.num_parallel_branches", "model.depth", "model.dim",
@@ -137,13 +137,21 @@ def load_config(run_dir: Path, results: Mapping | None = None) -> dict:
     """The run's resolved config: `.hydra/config.yaml`, else `results['config']`, else the checkpoint meta's."""
     hydra_file = run_dir / HYDRA_CONFIG
     if hydra_file.is_file():
-        from omegaconf import OmegaConf  # noqa: PLC0415
+        from omegaconf import DictConfig, OmegaConf  # noqa: PLC0415
 
-        cfg = OmegaConf.load(hydra_file)
         try:
-            return OmegaConf.to_container(cfg, resolve=True)
-        except Exception:  # noqa: BLE001 - an interpolation needing Hydra's runtime (${hydra:...}): keep it as text
-            return OmegaConf.to_container(cfg, resolve=False)
+            cfg = OmegaConf.load(hydra_file)
+        except Exception as e:  # noqa: BLE001 - not YAML (damaged, overwritten): the other sources still describe it
+            cfg = None
+            log.warning("%s: not a readable YAML config (%s); using the config saved with its results or checkpoint",
+                        hydra_file, " ".join(str(e).split())[:120])
+        if isinstance(cfg, DictConfig):
+            try:
+                return OmegaConf.to_container(cfg, resolve=True)
+            except Exception:  # noqa: BLE001 - an interpolation needing Hydra's runtime (${hydra:...}): keep it as text
+                return OmegaConf.to_container(cfg, resolve=False)
+        if cfg is not None:
+            log.warning("%s: not a mapping of keys; using the config saved with its results or checkpoint", hydra_file)
     if results and isinstance(results.get("config"), Mapping):
         return dict(results["config"])
     if (run_dir / CHECKPOINT_SUBDIR).is_dir():

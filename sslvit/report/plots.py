@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -10,6 +11,8 @@ from typing import Any
 
 from sslvit.report.discovery import STAGES, Run, _hashable
 from sslvit.report.tables import Table, _is_number, _sort_token, format_value, is_seed_key, mean_std
+
+log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------ plots
 def _label(row: Mapping, keys: Sequence[str]) -> str:
@@ -81,7 +84,13 @@ def plot_loss_curves(table: Table, runs_by_path: Mapping[str, Run], path: Path) 
             continue
         from sslvit.metrics import read_metrics  # noqa: PLC0415  (imports JAX; only when a run has metrics)
 
-        pts = [(m["step"], m["loss"]) for m in read_metrics(run.path) if _is_number(m.get("loss"))]
+        try:
+            rows = read_metrics(run.path)
+        except (OSError, UnicodeDecodeError) as e:  # not text (damaged): the run still has its row in the tables
+            log.warning("%s: no loss curve (%s is not readable: %s)", run.path, run.metrics_file.name,
+                        " ".join(str(e).split())[:100])
+            continue
+        pts = [(m["step"], m["loss"]) for m in rows if _is_number(m.get("loss"))]
         if pts:  # one colour per option combination, one line style per seed
             combo = tuple(_hashable(row[k]) for k in others)
             combos.setdefault(combo, len(combos))
