@@ -100,6 +100,9 @@ class DataConfig(Group):
     on_corrupt: str = key(Choice(ON_CORRUPT), "error",
                           hint="(error stops and names the file; skip leaves corrupt images out and counts them)")
     verify_images: bool = key(Boolean(), True)  # folder datasets: check images up front (needed for on_corrupt)
+    # folder datasets: where the verification manifest lives (sslvit/data/manifest.py); null: <data.path>/.sslvit if
+    # writable, else the user's cache directory
+    manifest_dir: str | None = key(Optional(Path(), "null (beside the data if writable, else ~/.cache/sslvit)"), None)
     image_key: str = key(String(), "image")  # tfds feature names
     label_key: str = key(String(), "label")
 
