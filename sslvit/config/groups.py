@@ -223,6 +223,14 @@ class ProbeOptions(Group):
     lr: float = key(Number(gt=0, lt=10), 1e-3, hint="e.g. 1e-3")
     weight_decay: float = key(Number(ge=0, lt=10), 1e-4, hint="e.g. 1e-4")
     warmup_epochs: int = key(Integer(min=0), 2)
+    # Host memory for features while the classifiers train and the k-NN runs; the features wait on disk.
+    memory_mb: float = key(Number(gt=0), 2048, hint="(MiB of features held at once; the rest stay on disk)")
+    augment: bool = key(Boolean(), False)  # features of new random-resized crops every epoch (BEiT's linear eval)
+    crop_scale: tuple[float, float] = key(Numbers(2, Number(gt=0, le=1)), (0.08, 1.0),
+                                          hint="[min, max] area fractions of probe.augment's crops, e.g. [0.08, 1.0]")
+
+    def validate(self) -> None:
+        check_crop_scale(self.crop_scale, self.dotted("crop_scale"))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
