@@ -5,6 +5,7 @@ what the folder source itself logs (listing and checking times per split).
     python bench/folder_startup.py                                  # makes /tmp/sslvit_folder200k once (~minutes)
     python bench/folder_startup.py --root /data/imagenet --classes 0 # an existing folder
     python bench/folder_startup.py --code /path/to/other/checkout --no-monitor-key   # another version of the code
+    python bench/folder_startup.py --scan-only       # the dataset scan alone (`data.dataset_info`), fresh processes
 
 Each start is `python pretrain.py data=folder data.path=<root> steps=1 log_every=1 ...` in a fresh run dir, with a
 small model and `target=pixel`, so the figure is dominated by the data start-up and not by a tokenizer fit; the time
@@ -61,6 +62,30 @@ def start_once(code: Path, root: Path, run_dir: Path, extra: list[str]) -> dict:
             "folder_log": folder_lines}
 
 
+SCAN = """
+import sys, time
+from omegaconf import OmegaConf
+t0 = time.perf_counter()
+from sslvit import data
+cfg = OmegaConf.load(sys.argv[1] + "/conf/data/folder.yaml")
+cfg.path = sys.argv[2]
+t1 = time.perf_counter()
+info = data.dataset_info(cfg)
+print(f"{time.perf_counter() - t1:.3f} {t1 - t0:.3f} {info.num_train} {info.num_test}")
+"""
+
+
+def scan_once(code: Path, root: Path) -> tuple[float, float]:
+    """The dataset scan alone (what the stage's `prepare` does: `data.dataset_info`) in a fresh process:
+    (seconds, CPU seconds)."""
+    c0 = os.times()
+    out = subprocess.run([sys.executable, "-c", SCAN, str(code), str(root)], cwd=code,  # cwd: `-c` imports from it
+                         env=dict(os.environ, PYTHONPATH=str(code)), capture_output=True, text=True,
+                         check=True).stdout.split()
+    c1 = os.times()
+    return float(out[0]), (c1.children_user + c1.children_system) - (c0.children_user + c0.children_system)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="/tmp/sslvit_folder200k", help="the image folder (made when missing)")
@@ -72,6 +97,7 @@ def main():
     ap.add_argument("--no-monitor-key", action="store_true", help="code without the `monitor` config group")
     ap.add_argument("--keep-manifest", action="store_true", help="do not delete the manifest before the first start")
     ap.add_argument("--override", nargs="*", default=[], help="more pretrain.py overrides")
+    ap.add_argument("--scan-only", action="store_true", help="time `data.dataset_info` alone, not pretrain.py")
     args = ap.parse_args()
 
     root = Path(args.root)
@@ -84,6 +110,12 @@ def main():
     n_train = sum(1 for _ in (root / "train").rglob("*.jpg"))
     print(f"folder {root}: {n_train} train JPEGs in {len(os.listdir(root / 'train'))} classes; code {args.code}")
     print(f"load before: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} cores; python {sys.version.split()[0]}")
+    if args.scan_only:
+        for i in range(args.starts):
+            sec, cpu = scan_once(Path(args.code), root)
+            print(f"scan {i + 1} (data.dataset_info, train + test): {sec:.1f}s ({cpu:.1f} CPU-s of the process, "
+                  f"load {os.getloadavg()[0]:.2f})")
+        return
     extra = list(args.override) + ([] if args.no_monitor_key else ["monitor.every=0"])
     with tempfile.TemporaryDirectory(prefix="sslvit_startup_") as tmp:
         for i in range(args.starts):

@@ -161,7 +161,8 @@ def test_two_processes_share_the_check_of_a_folder_dataset(tmp_path):
         for c in ("a", "b"):
             (tmp_path / split / c).mkdir(parents=True)
             for i in range(count):
-                Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
+                pixels = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / c / f"{i}.png")
     (tmp_path / "train" / "a" / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
     (tmp_path / "train" / "b" / "worse.png").write_bytes(b"")
     port = _free_port()

@@ -13,7 +13,7 @@ from sslvit.errors import ConfigError
 from sslvit.config.groups import KnnOptions, ProbeOptions
 from sslvit.probe import (POOLINGS, LinearProbe, default_layers, get_pooling, knn_accuracy, linear_probe,
                           probe_accuracy, resolve_layers, standardize, train_linear_probes)
-from sslvit.probe.store import ArrayFeatures, DiskFeatures, FeatureWriter, Standardized, feature_stats
+from sslvit.probe.store import DiskFeatures, FeatureWriter, Standardized, feature_stats
 
 
 def test_layers_default_and_validation():

@@ -96,6 +96,9 @@ class DataConfig(Group):
     eval_crop_pct: float = key(Number(gt=0, le=1), 1.0, hint="e.g. 1.0 (CIFAR) or 0.875 (ImageNet)")
     flip: bool = key(Boolean(), True)  # random horizontal flip when augmenting
     cache: bool = key(Boolean(), False)  # keep the decoded split in memory (small datasets)
+    # tf.data threads of this process's pipelines: a private pool of that many (e.g. the cores per GPU when several
+    # processes share a host); null: TensorFlow's shared pool over all cores
+    threads: int | None = key(Optional(Integer(min=1), "null (all cores)"), None)
     download: bool = key(Boolean(), True)  # try tfds download_and_prepare when the dataset is not prepared
     on_corrupt: str = key(Choice(ON_CORRUPT), "error",
                           hint="(error stops and names the file; skip leaves corrupt images out and counts them)")
@@ -243,5 +246,22 @@ class KnnOptions(Group):
     temperature: float = key(Number(gt=0, lt=1000), 0.07, hint="e.g. 0.07")
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MonitorOptions(Group):
+    """The `monitor` group of conf/pretrain.yaml: while pretraining runs, a weighted k-NN (cosine, votes exp(sim / T))
+    of the encoder's features, a fixed labelled subset of the test split against one of the train split
+    (sslvit/evaluators.py: KnnMonitor)."""
+
+    PREFIX = "monitor"
+
+    every: int = key(Integer(min=0), 0, hint="(steps between evaluations, and the last step; 0 = off)")
+    num_train: int = key(Integer(min=1), 2000, hint="(the memory bank: the first images of data.train_split)")
+    num_test: int = key(Integer(min=1), 500, hint="(the queries: the first images of data.test_split)")
+    layer: int = key(Integer(), -1, hint="(1-based; -1 = the last)")  # checked against the depth by the stage
+    pool: str = key(AnyValue(), "cls+mean")  # a probe pooling: checked by its registry (sslvit/config/stages.py)
+    k: int = key(Integer(min=1), 20)
+    temperature: float = key(Number(gt=0, lt=1000), 0.07, hint="e.g. 0.07")
+
+
 __all__ = ["DTYPES", "DataConfig", "DistributedConfig", "FinetuneOptions", "KnnOptions", "LoopConfig", "ModelConfig",
-           "OptimConfig", "POOLS", "POS_EMBEDDINGS", "ProbeOptions", "check_crop_scale"]
+           "MonitorOptions", "OptimConfig", "POOLS", "POS_EMBEDDINGS", "ProbeOptions", "check_crop_scale"]

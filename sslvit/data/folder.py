@@ -80,7 +80,7 @@ def _image_problem(path: str) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class _FolderSplit:
-    paths: np.ndarray  # bytes in the canonical (seeded) order, corrupt files removed; bytes, not str: 1 byte a character
+    paths: np.ndarray  # bytes (1 byte a character, not str's 4), in the canonical (seeded) order, corrupt files removed
     labels: np.ndarray  # int32
     skipped: tuple[str, ...]
 

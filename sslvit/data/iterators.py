@@ -194,7 +194,7 @@ def make_train_iterator(
             ds = ds.map(transform_one, num_parallel_calls=AUTOTUNE)
             ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE)
             ds = ds.map(lambda b: {"image": normalize(b["image"], dc.mean, dc.std), "label": b["label"]})
-        return ds.prefetch(AUTOTUNE).with_options(options())
+        return ds.prefetch(AUTOTUNE).with_options(options(dc.threads))
 
     def explain(epoch: int, offset: int, error: Exception) -> Exception:
         if base is not None:  # cached, then shuffled: any file read so far, in the order they were read
@@ -251,7 +251,7 @@ def make_eval_iterator(
         ds = ds.concatenate(tf.data.Dataset.from_tensors(filler).repeat(pad))
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds.map(lambda b: {**b, "image": normalize(b["image"], dc.mean, dc.std)}, num_parallel_calls=AUTOTUNE)
-    ds = ds.prefetch(AUTOTUNE).with_options(options())
+    ds = ds.prefetch(AUTOTUNE).with_options(options(dc.threads))
 
     def explain(index: int, error: Exception) -> Exception:
         files = source.files(split, pi, pc, False, None)

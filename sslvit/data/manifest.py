@@ -68,7 +68,7 @@ class Manifest:
         exactly the listed files). A file is known when its path, size and mtime are those recorded."""
         blob = listing.blob() if blob is None else blob
         if blob == self.blob and np.array_equal(listing.size, self.size) and np.array_equal(listing.mtime, self.mtime):
-            return np.ones(len(listing), bool), dict(self.problems), True  # unchanged: the common case, no per-file work
+            return np.ones(len(listing), bool), dict(self.problems), True  # unchanged: the common case, no file work
         names = self.blob.split(SEP) if self.blob else []
         index = {name: i for i, name in enumerate(names)}
         known = np.zeros(len(listing), bool)

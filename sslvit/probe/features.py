@@ -33,18 +33,23 @@ def make_feature_fn(model, layers: Sequence[int], pool: str):
     return features
 
 
-def _batches(feature_fn, variables, iterator, *, mesh, desc: str, progress: bool,
-             max_batches: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+def feature_step(feature_fn, mesh):
+    """The jitted step of an extraction pass: a sharded batch in, its features, labels, valid mask and tags out,
+    replicated. Build it once for repeated passes (the online monitor): a new one compiles again."""
+    def fn(v, batch):
+        return feature_fn(v, batch["image"]), batch["label"], batch["valid"], batch["process"], batch["position"]
+
+    return jax.jit(fn, out_shardings=(replicated(mesh),) * 5)
+
+
+def _batches(feature_fn, variables, iterator, *, mesh, desc: str, progress: bool, max_batches: int | None = None,
+             step=None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """Per batch of an eval iterator ({'image', 'label', 'valid'}): (features (L, b, F), labels, process, position) of
     its valid rows, the rows of every process (replicated)."""
     from tqdm import tqdm  # noqa: PLC0415
 
-    rep, data_sh = replicated(mesh), batch_sharding(mesh)
-
-    def fn(v, batch):
-        return feature_fn(v, batch["image"]), batch["label"], batch["valid"], batch["process"], batch["position"]
-
-    step = jax.jit(fn, out_shardings=(rep,) * 5)
+    data_sh = batch_sharding(mesh)
+    step = step or feature_step(feature_fn, mesh)
     total = len(iterator) if hasattr(iterator, "__len__") else None
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)
@@ -63,9 +68,9 @@ def _batches(feature_fn, variables, iterator, *, mesh, desc: str, progress: bool
 
 
 def extract_features(feature_fn, variables, iterator, *, mesh, desc: str = "features", progress: bool = True,
-                     max_batches: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     max_batches: int | None = None, step=None) -> tuple[np.ndarray, np.ndarray]:
     """One pass of an eval iterator (or its first `max_batches` batches) -> (features (L, n, F) float32, labels (n,)),
-    in memory.
+    in memory. `step`: a `feature_step` of `feature_fn` to reuse.
 
     Images enter sharded over the batch axis; features, labels and the valid mask come back replicated, so every
     process holds all of them (padding rows dropped), in the split's order whatever the number of processes: a
@@ -74,7 +79,7 @@ def extract_features(feature_fn, variables, iterator, *, mesh, desc: str = "feat
     process order). The probe's shuffles then draw the same examples as a 1-process run."""
     feats, labels, origin = [], [], []
     for f, y, proc, pos in _batches(feature_fn, variables, iterator, mesh=mesh, desc=desc, progress=progress,
-                                    max_batches=max_batches):
+                                    max_batches=max_batches, step=step):
         feats.append(f)
         labels.append(y)
         origin.append(np.stack([proc, pos]))
