@@ -134,7 +134,7 @@ def main():
     for name, (ips, cpu_per_img) in rows.items():
         cores = step_ips * cpu_per_img
         print(f"{name}: {ips / step_ips:.2f}x the step's rate on this machine; feeding the step takes "
-              f"{cores:.1f} cores ({n_cores} here: {100 * cores / n_cores:.0f}% of them)")
+              f"{cores:.2f} cores ({n_cores} here: {100 * cores / n_cores:.0f}% of them)")
 
 
 if __name__ == "__main__":

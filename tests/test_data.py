@@ -362,6 +362,10 @@ def test_folder_deterministic_and_resumable(folder, cache):
         np.testing.assert_array_equal(x["image"], y["image"])
     other = next(data.make_train_iterator(cfg, batch_size=8, image_size=16, seed=6, **ONE))
     assert not np.array_equal(other["image"], fresh[0]["image"])
+    one_thread = take(data.make_train_iterator(folder_cfg(folder, cache=cache, threads=1), batch_size=8,
+                                               image_size=16, seed=5, **ONE), 2)  # a private pool of 1 thread
+    for x, y in zip(one_thread, fresh):
+        np.testing.assert_array_equal(x["image"], y["image"])
     for k in (1, 2, 3):  # 2 steps per epoch: k=2 starts epoch 1
         resumed = take(data.make_train_iterator(cfg, batch_size=8, image_size=16, seed=5, start_step=k, **ONE), 2)
         for j, batch in enumerate(resumed):

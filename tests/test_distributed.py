@@ -73,6 +73,7 @@ def test_two_processes_train_in_lockstep_and_match_one_process(tmp_path):
     if not real:
         pytest.skip("stage part needs CIFAR-10 in TFDS_DATA_DIR (see ../shared/README.md)")
     assert p0["stage"] == p1["stage"] and p0["stage"]["test_batches"] == 1
+    assert 0 <= p0["stage"]["monitor/knn_top1"] <= 1  # computed by both processes together, the same on both
     assert np.isfinite(p0["stage"]["train_loss"])
     assert json.loads((run_dir / "results.json").read_text())["train_loss"] == p0["stage"]["train_loss"]
     assert (run_dir / "tokenizer.npz").exists()
