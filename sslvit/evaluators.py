@@ -1,10 +1,14 @@
 """Evaluators: small objects whose `run(state)` yields `(name, value)` pairs, one shape for every measurement a stage
-reports (masked-token accuracy, top-1, ...). Each compiles one jitted function over a batch and sums over the test
-split (or its first `max_batches` batches); the data comes from an iterator factory, so an evaluator can run again.
+reports (masked-token accuracy, top-1, the online k-NN monitor). Each compiles one jitted function over a batch and
+sums over the test split (or its first `max_batches` batches); the data comes from an iterator factory, so an
+evaluator can run again: at the end of a run (`TrainingStage.evaluators`), or every so many steps while it trains
+(`TrainingStage.periodic_evaluators`, run by `train.fit`).
 """
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Callable, Iterable, Iterator
 
 import jax
@@ -85,3 +89,42 @@ class Top1Evaluator:
             correct, seen = correct + int(c), seen + int(n)
         yield f"{self.prefix}top1", correct / max(seen, 1)
         yield f"{self.prefix}examples", seen
+
+
+class KnnMonitor:
+    """The online k-NN monitor of pretraining: weighted k-NN top-1 (cosine similarity, votes exp(sim / T), as in
+    InstDisc and DINO: sslvit/probe/knn.py) of the encoder's pooled features of one layer, the first `num_test` images
+    of the test split queried against the first `num_train` of the train split, both standardised with the bank's
+    statistics as the linear probe does. The subsets are fixed, so values are comparable from step to step.
+
+    The encoder runs data-parallel over every device and process (each process reads the first batches of its own
+    shard of both splits; the features come back to every process), then each process runs the small k-NN. `variables`
+    maps the train state to the encoder's variables. `latest` holds the last values, `seconds` the time spent."""
+
+    def __init__(self, feature_fn, variables: Callable, bank: Callable[[], Iterable[dict]],
+                 queries: Callable[[], Iterable[dict]], *, mesh, global_batch: int, num_train: int, num_test: int,
+                 num_classes: int, k: int, temperature: float, prefix: str = "monitor/"):
+        from sslvit.probe.features import feature_step  # noqa: PLC0415  (the probe package imports the stages)
+
+        self.feature_fn, self.variables, self.bank, self.queries, self.mesh = feature_fn, variables, bank, queries, mesh
+        self.bank_batches = math.ceil(num_train / global_batch)
+        self.query_batches = math.ceil(num_test / global_batch)
+        self.num_classes, self.k, self.temperature, self.prefix = num_classes, k, temperature, prefix
+        self._step = feature_step(feature_fn, mesh)
+        self.latest: dict[str, float] = {}
+        self.seconds = 0.0
+
+    def run(self, state) -> Iterator[tuple[str, float]]:
+        from sslvit.probe.features import extract_features, standardize  # noqa: PLC0415
+        from sslvit.probe.knn import knn_accuracy  # noqa: PLC0415
+
+        t0 = time.perf_counter()
+        variables = self.variables(state)
+        kw = dict(mesh=self.mesh, progress=False, step=self._step)
+        xb, yb = extract_features(self.feature_fn, variables, self.bank(), max_batches=self.bank_batches, **kw)
+        xq, yq = extract_features(self.feature_fn, variables, self.queries(), max_batches=self.query_batches, **kw)
+        xb, xq = standardize(xb, xq)
+        top1 = knn_accuracy(xb, yb, xq, yq, self.num_classes, k=self.k, temperature=self.temperature)
+        self.latest = {f"{self.prefix}knn_top1": float(top1[0])}
+        self.seconds += time.perf_counter() - t0
+        yield from self.latest.items()

@@ -166,7 +166,8 @@ class Finetuning(TrainingStage):
         return {"mode": self.mode.name, "mode_options": self.mode.options(), **self.source(),
                 "source_image_size": self.source_image_size, "image_size": self.image_size,
                 "dataset": self.info.name, "num_classes": self.num_classes, "trainable_params": n_train,
-                "total_params": n_train + n_frozen, "encoder": self.encoder_cfg}
+                "total_params": n_train + n_frozen, "encoder": self.encoder_cfg,
+                **({"skipped_images": self.info.num_skipped} if self.info.num_skipped else {})}  # data.on_corrupt=skip
 
     def log_start(self, state, start: int) -> None:
         n_train, n_frozen = count_params(state.params), count_params(state.frozen)

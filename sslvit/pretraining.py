@@ -21,7 +21,7 @@ from sslvit import data as data_lib
 from sslvit.config.stages import PretrainConfig
 from sslvit.distributed import is_main_process
 from sslvit.errors import ConfigError
-from sslvit.evaluators import MaskedPatchEvaluator
+from sslvit.evaluators import KnnMonitor, MaskedPatchEvaluator
 from sslvit.models import build_vit, encoder_config
 from sslvit.models.mim import MaskedImageModel
 from sslvit.stage import TrainingStage, count_params
@@ -68,6 +68,11 @@ class Pretraining(TrainingStage):
             self.target.load(Path(os.path.expanduser(str(path))))
         self.model = MaskedImageModel(self.encoder, self.target.num_outputs)
         self.data_cfg = c.data
+        depth = self.encoder.depth
+        if not (1 <= c.monitor.layer <= depth or -depth <= c.monitor.layer <= -1):
+            raise ConfigError(f"monitor.layer={c.monitor.layer} must be a layer in 1..{depth}, or -1..-{depth} "
+                              "counting from the last")
+        self.monitor = None
 
     @property
     def image_size(self) -> int:
@@ -75,7 +80,12 @@ class Pretraining(TrainingStage):
 
     # ----------------------------------------------------------------------------------------- hooks
     def prepare(self):
-        return data_lib.dataset_info(self.data_cfg)  # a missing dataset fails here, before anything is written
+        info = data_lib.dataset_info(self.data_cfg)  # a missing dataset fails here, before anything is written
+        if self.config.monitor.every and not info.num_test:
+            raise ConfigError(f"monitor.every={self.config.monitor.every} needs labelled test images, and "
+                              f"data.test_split={self.data_cfg.test_split!r} of {info.name} has none; set "
+                              "monitor.every=0 or point data.test_split at a labelled split")
+        return info
 
     def setup(self):
         """Fit the target's tokenizer (or load it: `target.path`, or the run's own when resuming)."""
@@ -159,6 +169,31 @@ class Pretraining(TrainingStage):
                                      seed=self.config.seed, local_batch_size=n,
                                      max_batches=self.config.eval_batches)]
 
+    def periodic_evaluators(self, mesh):
+        """The online k-NN monitor (`monitor.every` > 0): the encoder's features of fixed train and test subsets."""
+        from sslvit.probe.features import make_feature_fn  # noqa: PLC0415
+
+        m = self.config.monitor
+        if not m.every:
+            return []
+        n = self.local_batch_size
+
+        def batches(split):
+            return lambda: data_lib.make_eval_iterator(self.data_cfg, split, batch_size=n, image_size=self.image_size)
+
+        def encoder_variables(state):
+            variables = {"params": state.all_params()["encoder"]}
+            if state.batch_stats:
+                variables["batch_stats"] = state.batch_stats["encoder"]
+            return variables
+
+        layer = m.layer if m.layer > 0 else self.encoder.depth + 1 + m.layer
+        self.monitor = KnnMonitor(make_feature_fn(self.encoder, [layer], m.pool), encoder_variables,
+                                  batches(self.data_cfg.train_split), batches(self.data_cfg.test_split), mesh=mesh,
+                                  global_batch=self.batch_size, num_train=m.num_train, num_test=m.num_test,
+                                  num_classes=self.info.num_classes, k=m.k, temperature=m.temperature)
+        return [(m.every, self.monitor)]
+
     def meta(self) -> dict:
         return {**super().meta(), "encoder": self.encoder_cfg, "num_outputs": self.target.num_outputs,
                 "target": self.target_cfg, "mask_ratio": self.sampler.mask_ratio}
@@ -170,6 +205,8 @@ class Pretraining(TrainingStage):
             out["chance_accuracy"] = chance
         if self.info.num_skipped:  # data.on_corrupt=skip: how many corrupt images were left out
             out["skipped_images"] = self.info.num_skipped
+        if self.monitor is not None:
+            out["monitor_seconds"] = round(self.monitor.seconds, 2)
         return out
 
     def log_start(self, state, start: int) -> None:

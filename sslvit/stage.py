@@ -195,6 +195,11 @@ class TrainingStage(Stage):
         """Objects whose `run(state)` yields (name, value) pairs for the results (sslvit/evaluators.py)."""
         return []
 
+    def periodic_evaluators(self, mesh) -> list[tuple[int, Any]]:
+        """(every, evaluator) pairs run while training: after every `every`-th step and the last one, logged with the
+        step's metrics (`train.fit`). Their values at the last step go into the results (`evaluator.latest`)."""
+        return []
+
     def meta(self) -> dict:
         """Saved with every checkpoint: what rebuilds this run's model (sslvit/pretrained.py reads it)."""
         return {"stage": self.name, "config": to_dict(self.raw_config)}
@@ -283,6 +288,7 @@ class TrainingStage(Stage):
             self.memory = memory_report(compiled)
             self.log_start(state, start)
 
+            periodic = self.periodic_evaluators(mesh)
             batches = prefetch_to_device(self.train_batches(start), batch_sharding(mesh))
             writer = MetricWriter(self.run_dir.path, enabled=is_main_process(), resume_step=start)
             if self.resume_changes:
@@ -293,7 +299,7 @@ class TrainingStage(Stage):
                                   total_steps=cfg.steps, checkpointer=ckpt, writer=writer, log_every=cfg.log_every,
                                   ckpt_every=cfg.ckpt_every, images_per_step=self.batch_size, meta=self.meta(),
                                   max_nonfinite_streak=cfg.max_nonfinite_streak, progress=cfg.progress,
-                                  desc=self.progress_label)
+                                  desc=self.progress_label, evaluators=periodic)
             finally:
                 writer.close()
             train_seconds = time.perf_counter() - t0
@@ -316,6 +322,8 @@ class TrainingStage(Stage):
             log.info("final evaluation: %s", ", ".join(type(e).__name__ for e in evaluators))
         for evaluator in evaluators:
             results.update(dict(evaluator.run(state)))
+        for _, evaluator in periodic:  # run at the last step by `fit`; now unless this run had no step left to do
+            results.update(getattr(evaluator, "latest", None) or dict(evaluator.run(state)))
         return results
 
     def log_start(self, state, start: int) -> None:

@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -201,16 +201,22 @@ def _on_any_process(flag: bool) -> bool:
 def fit(*, state: TrainState, step_fn, batches: Iterator[dict], total_steps: int, checkpointer, writer,
         consts=None,
         log_every: int, ckpt_every: int, images_per_step: int, meta: dict, max_nonfinite_streak: int = 20,
-        progress: bool = True, desc: str = "train") -> tuple[TrainState, dict]:
+        progress: bool = True, desc: str = "train",
+        evaluators: Sequence[tuple[int, Any]] = ()) -> tuple[TrainState, dict]:
     """Run `step_fn` from `state.step` to `total_steps`. Logs every `log_every` steps (the only host reads),
     checkpoints every `ckpt_every` steps and at the end; SIGTERM/Ctrl-C saves the current step and raises
-    `Preempted`; too many consecutive non-finite steps raises NonFiniteError naming the last good checkpoint."""
+    `Preempted`; too many consecutive non-finite steps raises NonFiniteError naming the last good checkpoint.
+
+    `evaluators`: (every, evaluator) pairs; `evaluator.run(state)` yields (name, value) pairs (sslvit/evaluators.py)
+    after every `every`-th step and the last one, logged in that step's row and shown in the progress bar. Their time
+    is left out of `images_per_sec`."""
     from tqdm import tqdm  # noqa: PLC0415
 
     start = int(jax.device_get(state.step))
     is_main = is_main_process()
     bar = tqdm(total=total_steps, initial=start, desc=desc, disable=not (progress and is_main), dynamic_ncols=True)
     last: dict = {}
+    shown: dict = {}
     t_last, step_last = time.perf_counter(), start
     signals.phase("training loop")
     with signals.stop_signals() as stopper, stopper.deferred() as stop:
@@ -218,14 +224,25 @@ def fit(*, state: TrainState, step_fn, batches: Iterator[dict], total_steps: int
             batch = next(batches)
             state, metrics = step_fn(state, batch, consts)
             done = step + 1
+            row = {}
             if done % log_every == 0 or done == total_steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
                 metrics["images_per_sec"] = images_per_step * (done - step_last) / max(now - t_last, 1e-9)
                 t_last, step_last = now, done
-                writer.write(done, metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_sec']:.0f}")
-                last = metrics
+                shown.update(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_sec']:.0f}")
+                row = last = metrics
+            due = [ev for every, ev in evaluators if every and (done % every == 0 or done == total_steps)]
+            if due:
+                t0 = time.perf_counter()
+                values = {name: float(value) for ev in due for name, value in ev.run(state)}
+                t_last += time.perf_counter() - t0  # images/s measures training, not evaluation
+                shown.update({name.rsplit("/", 1)[-1]: f"{value:.4f}" for name, value in values.items()})
+                row = {**row, **values}
+            if row:
+                writer.write(done, row)
+                bar.set_postfix(shown)
+            if done % log_every == 0 or done == total_steps:
                 streak = int(jax.device_get(state.nonfinite_streak))
                 if streak >= max_nonfinite_streak:
                     # Skipped steps leave the state untouched, so every saved checkpoint holds finite parameters.

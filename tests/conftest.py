@@ -15,11 +15,13 @@ import pytest
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 # A pretraining run small enough for 2 CPU cores (~40 s): 64-d, 2 layers x 2 branches, hMLP stem (BatchNorm),
-# 60 steps of batch 64 on 2048 CIFAR-10 images, 64-code k-means tokenizer fitted on 20k patches.
+# 60 steps of batch 64 on 2048 CIFAR-10 images, 64-code k-means tokenizer fitted on 20k patches, the online k-NN
+# monitor at steps 30 and 60 (512 train images against 256 test images).
 TINY_PRETRAIN = [
     "model.dim=64", "model.depth=2", "model.heads=2", "model.mlp_dim=128", "steps=60", "log_every=10",
     "ckpt_every=30", "optim.warmup_steps=5", "optim.lr=3e-3", "data.train_split='train[:2048]'",
     "target.vocab_size=64", "target.num_samples=20000", "eval_batches=4", "batch_size=64", "progress=false",
+    "monitor.every=30", "monitor.num_train=512", "monitor.num_test=256",
 ]
 
 

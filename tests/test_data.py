@@ -362,6 +362,10 @@ def test_folder_deterministic_and_resumable(folder, cache):
         np.testing.assert_array_equal(x["image"], y["image"])
     other = next(data.make_train_iterator(cfg, batch_size=8, image_size=16, seed=6, **ONE))
     assert not np.array_equal(other["image"], fresh[0]["image"])
+    one_thread = take(data.make_train_iterator(folder_cfg(folder, cache=cache, threads=1), batch_size=8,
+                                               image_size=16, seed=5, **ONE), 2)  # a private pool of 1 thread
+    for x, y in zip(one_thread, fresh):
+        np.testing.assert_array_equal(x["image"], y["image"])
     for k in (1, 2, 3):  # 2 steps per epoch: k=2 starts epoch 1
         resumed = take(data.make_train_iterator(cfg, batch_size=8, image_size=16, seed=5, start_step=k, **ONE), 2)
         for j, batch in enumerate(resumed):
@@ -409,6 +413,99 @@ def test_folder_corrupt_images_skipped_and_counted(folder):
     assert sum(int(b["valid"].sum()) for b in ev) == 10
     it = data.make_train_iterator(cfg, batch_size=10, image_size=16, seed=0, **ONE)
     assert len(take(it, 4)) == 4  # two epochs without touching the broken files
+
+
+def _new_start():
+    """What a new process sees: no scan of this process to reuse (the on-disk manifest stays)."""
+    from sslvit.data import folder as folder_source
+
+    folder_source._SCANS.clear()
+
+
+def _checked(caplog) -> list[tuple[int, int]]:
+    """(checked, listed) of each 'checking N of M images' log line since the last clear."""
+    import re
+
+    found = [re.search(r"checking (\d+) of (\d+) images", r.getMessage()) for r in caplog.records]
+    return [(int(m.group(1)), int(m.group(2))) for m in found if m]
+
+
+def test_folder_manifest_spares_the_check_at_the_next_start(folder, caplog):
+    """The first start checks every image and writes the verdicts beside the data; a later start checks only what is
+    new or changed, and still leaves out (and counts) the corrupt file it checked before."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="sslvit.data.folder")
+    cfg = folder_cfg(folder, on_corrupt="skip")
+    bad = _corrupt(folder)
+    first = data.dataset_info(cfg)
+    assert _checked(caplog) == [(21, 21), (11, 11)] and first.num_skipped == 2
+    assert sorted(p.name for p in (folder / ".sslvit").iterdir()) == ["manifest-test.npz", "manifest-train.npz"]
+    # The canonical order is that of sorted(rglob): runs started before the manifest existed read the same order.
+    files = data.create_source(cfg).files("train", 0, 1, False, None)
+    old_order = sorted(str(p) for p in (folder / "train").rglob("*") if p.suffix in (".jpg", ".JPEG", ".png"))
+    old_order = [p for p in (str(q) for q in sorted((folder / "train").rglob("*"))) if p in old_order and p != str(bad)]
+    assert [old_order[i] for i in np.random.default_rng(0).permutation(len(old_order))] == files
+
+    caplog.clear()
+    _new_start()
+    again = data.dataset_info(cfg)
+    assert _checked(caplog) == [] and again == first  # nothing decoded, the same verdicts
+
+    # One changed file (now corrupt) and one new file: only those two are checked.
+    (folder / "train" / "cat" / "1.png").write_bytes(b"not a png any more")
+    _write(folder / "train" / "cat" / "new.jpg", (200, 0, 0), (20, 20), "JPEG")
+    caplog.clear()
+    _new_start()
+    info = data.dataset_info(cfg)
+    assert _checked(caplog) == [(2, 22)]
+    assert info.num_skipped == 3 and str(folder / "train" / "cat" / "1.png") in info.skipped_files
+    assert info.num_train == 20
+    with pytest.raises(ConfigError, match="corrupt or unreadable image"):  # on_corrupt=error sees the manifest's too
+        _new_start()
+        data.dataset_info(folder_cfg(folder))
+
+
+def test_folder_manifest_where_the_data_is_not_writable(folder, tmp_path, monkeypatch, caplog):
+    """When no manifest can be written beside the data (here `.sslvit` is a file, as on a read-only data set), it goes
+    to the user's cache; with data.manifest_dir it goes there."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="sslvit.data.folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (folder / ".sslvit").write_text("in the way")
+    data.dataset_info(folder_cfg(folder))
+    assert len(list((tmp_path / "cache" / "sslvit" / "folders").glob("*/manifest-train.npz"))) == 1
+    caplog.clear()
+    _new_start()
+    data.dataset_info(folder_cfg(folder))
+    assert _checked(caplog) == []
+    own = tmp_path / "manifests"
+    _new_start()
+    data.dataset_info(folder_cfg(folder, manifest_dir=str(own)))
+    assert sorted(p.name for p in own.iterdir()) == ["manifest-test.npz", "manifest-train.npz"]
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_folder_image_failing_to_decode_is_named(folder, verify):
+    """An image that fails to decode in the pipeline (not checked: data.verify_images=false; or changed after the
+    check) stops training and evaluation with one line naming it."""
+    cfg = folder_cfg(folder, verify_images=verify)
+    data.dataset_info(cfg)  # checked (verify=true) while still intact
+    bad = folder / "test" / "dog" / "3.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated after the check
+    folder_train = folder / "train" / "cat" / "0.JPEG"
+    folder_train.write_bytes(b"\xff\xd8\xff" + b"\0" * 64)
+    if verify:  # a changed file is checked again at a new start: the check, not the pipeline, names it now
+        _new_start()
+        with pytest.raises(ConfigError, match="corrupt or unreadable image"):
+            data.dataset_info(cfg)
+        return
+    with pytest.raises(ConfigError, match=f"image '{bad}' cannot be decoded") as err:
+        list(data.make_eval_iterator(cfg, batch_size=4, image_size=16, **ONE))
+    assert "data.verify_images=true data.on_corrupt=skip" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=f"image '{folder_train}' cannot be decoded"):
+        take(data.make_train_iterator(cfg, batch_size=4, image_size=16, seed=0, **ONE), 10)
 
 
 def test_folder_split_slices_and_shards(folder):

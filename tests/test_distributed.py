@@ -74,6 +74,7 @@ def test_two_processes_train_in_lockstep_and_match_one_process(tmp_path):
     if not real:
         pytest.skip("stage part needs CIFAR-10 in TFDS_DATA_DIR (see ../shared/README.md)")
     assert p0["stage"] == p1["stage"] and p0["stage"]["test_batches"] == 1
+    assert 0 <= p0["stage"]["monitor/knn_top1"] <= 1  # computed by both processes together, the same on both
     assert np.isfinite(p0["stage"]["train_loss"])
     assert json.loads((run_dir / "results.json").read_text())["train_loss"] == p0["stage"]["train_loss"]
     assert (run_dir / "tokenizer.npz").exists()
@@ -150,6 +151,31 @@ def test_two_processes_probe_like_one_process(pretrain_run, tmp_path):
     assert (r0["num_train"], r0["num_test"]) == (512, 250)
     assert {k: r0[k] for k in keys} == {k: r1[k] for k in keys} == {k: ref[k] for k in keys}
     assert json.loads((tmp_path / "pair" / RESULTS).read_text())["top1"] == r0["top1"]
+
+
+def test_two_processes_share_the_check_of_a_folder_dataset(tmp_path):
+    """Each process of a run checks half of a folder's images (not all of them), both see the same dataset and the
+    same corrupt files, and the manifest written once spares every process the check at the next start."""
+    from PIL import Image  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 12), ("test", 4)):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / c / f"{i}.png")
+    (tmp_path / "train" / "a" / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    (tmp_path / "train" / "b" / "worse.png").write_bytes(b"")
+    port = _free_port()
+    (p0, _), (p1, _) = [finish_worker(p) for p in [start_worker("folder_pair", i, 2, port, tmp_path) for i in range(2)]]
+    # 26 train files (2 corrupt) and 8 test files: 13 + 13 and 4 + 4 checked.
+    assert p0["checked"] == p1["checked"] == [[13, 26], [4, 8]], (p0, p1)
+    assert p0["checked_again"] == p1["checked_again"] == []
+    assert p0["same_again"] and p1["same_again"]
+    assert (p0["num_train"], p0["num_test"]) == (p1["num_train"], p1["num_test"]) == (24, 8)
+    assert p0["skipped"] == p1["skipped"] == [str(tmp_path / "train" / "a" / "bad.jpg"),
+                                               str(tmp_path / "train" / "b" / "worse.png")]
 
 
 # ------------------------------------------------------------------------------------------- resolution (pure)

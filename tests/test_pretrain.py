@@ -35,6 +35,13 @@ def test_pretraining_run_learns_and_writes_its_run_dir(pretrain_run):
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [10, 20, 30, 40, 50, 60]
     assert rows[-1]["loss"] < rows[0]["loss"]
+    # The online k-NN monitor, in the rows of steps 30 and 60 (one row per step), TensorBoard and the results.
+    knn = [(r["step"], r["monitor/knn_top1"]) for r in rows if "monitor/knn_top1" in r]
+    assert [s for s, _ in knn] == [30, 60] and all(0.15 < v <= 1 for _, v in knn), knn  # chance: 0.1
+    assert results["monitor/knn_top1"] == knn[-1][1] and results["monitor_seconds"] > 0
+    from test_metrics import tb_scalars  # noqa: PLC0415
+
+    assert tb_scalars(run_dir, "monitor/knn_top1") == [(s, pytest.approx(v)) for s, v in knn]
     assert 0 < rows[0]["lr"] and rows[-1]["lr"] < max(r["lr"] for r in rows)  # warmup then decay
     assert results["nonfinite_steps"] == 0
     # Held-out masked-token accuracy clearly above chance (always the most frequent code).

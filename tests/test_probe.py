@@ -13,6 +13,7 @@ from sslvit.errors import ConfigError
 from sslvit.config.groups import KnnOptions, ProbeOptions
 from sslvit.probe import (POOLINGS, LinearProbe, default_layers, get_pooling, knn_accuracy, linear_probe,
                           probe_accuracy, resolve_layers, standardize, train_linear_probes)
+from sslvit.probe.store import DiskFeatures, FeatureWriter, Standardized, feature_stats
 
 
 def test_layers_default_and_validation():
@@ -66,6 +67,55 @@ def test_classifiers_and_knn_on_synthetic_features():
     assert knn[0] > 0.95 and knn[1] < 0.45
 
 
+def _disk_copy(x: np.ndarray, directory, parts=(700, 500)) -> DiskFeatures:
+    """x (L, n, F) written as a 2-process run writes it: each part's rows, out of order within the part."""
+    start = 0
+    for p, rows in enumerate(parts):
+        w = FeatureWriter(directory, p)
+        for a in sorted(range(0, rows, 128), reverse=True):
+            b = min(a + 128, rows)
+            w.write(a, x[:, start + a:start + b].transpose(1, 0, 2))
+        w.close()
+        start += rows
+    return DiskFeatures(directory, parts, x.shape[0], x.shape[2])
+
+
+def test_features_on_disk_train_like_features_in_memory(tmp_path):
+    """The same classifiers, accuracies and k-NN from features on disk as from the same features in memory, with a
+    memory budget that holds them all (one window: a permutation of the whole split per epoch) and with one that holds
+    a fraction (shuffled chunks); the statistics are those of the whole-array standardisation."""
+    import sslvit.probe.classifiers as classifiers
+
+    rng = np.random.default_rng(0)
+    n_classes, n, f = 4, 1200, 8
+    y = rng.integers(0, n_classes, n).astype(np.int32)
+    x = np.stack([np.eye(n_classes, f)[y] * 3 + rng.normal(size=(n, f)), rng.normal(size=(n, f))]).astype(np.float32)
+    disk = _disk_copy(x, tmp_path / "train")
+    np.testing.assert_array_equal(disk.read(650, 760), x[:, 650:760])  # across the two files
+    mean, std = feature_stats(disk)
+    np.testing.assert_allclose(mean[:, 0], x.mean(1), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(std[:, 0], x.std(1), rtol=1e-5)
+    in_memory = standardize(x)[0]
+    on_disk = Standardized(disk, mean, std)
+    np.testing.assert_array_equal(on_disk.read(0, n), in_memory)
+
+    cfg = ProbeOptions.parse({"epochs": 3, "batch_size": 64, "lr": 1e-2})
+    row_bytes = 2 * f * 4
+    for memory in (None, 2 * 300 * row_bytes):  # all rows, then windows of 300 rows out of 1200
+        plan = classifiers.plan_windows(n, row_bytes, 64, 3, 0, memory)
+        assert len(plan.windows[0]) == (1 if memory is None else 4)
+        a = train_linear_probes(in_memory, y, n_classes, cfg, progress=False, memory_bytes=memory)
+        b = train_linear_probes(on_disk, y, n_classes, cfg, progress=False, memory_bytes=memory)
+        np.testing.assert_array_equal(a["w"], b["w"])
+        np.testing.assert_array_equal(probe_accuracy(a, in_memory, y), probe_accuracy(b, on_disk, y))
+        assert probe_accuracy(b, on_disk, y)[0] > 0.9
+    # k-NN: a budget of 2 query blocks and bank chunks finds the same neighbours as one pass over everything.
+    assert (knn_accuracy(on_disk, y, on_disk, y, n_classes, k=5, memory_bytes=2 * 600 * row_bytes).tolist()
+            == knn_accuracy(in_memory, y, in_memory, y, n_classes, k=5).tolist())
+    with pytest.raises(ConfigError, match="probe.memory_mb=.* fewer than probe.batch_size=64"):
+        classifiers.plan_windows(n, row_bytes, 64, 1, 0, 2 * 10 * row_bytes)
+
+
 def test_probe_config_validation():
     for group, cfg, match in ((ProbeOptions, {"epochs": 0}, "probe.epochs=0 must be an integer >= 1"),
                               (ProbeOptions, {"lr": -1}, r"probe.lr=-1 must be a number in \(0, 10\)"),
@@ -107,6 +157,47 @@ def test_probe_of_pretraining_run_beats_chance(pretrain_run, hydra_compose, tmp_
                               saved["layers"]["attn"]["qkv_kernel"])
 
 
+def test_probe_streamed_from_disk_equals_the_in_memory_path(pretrain_run, hydra_compose, tmp_path):
+    """The stage (features streamed to the run dir, statistics and windows read back from disk) gives exactly the
+    results of the in-memory path on the same split: features in memory, standardised, the same classifiers. With a
+    budget of a fraction of the features it streams shuffled chunks and still probes well above chance."""
+    from sslvit import data as data_lib  # noqa: PLC0415
+    from sslvit.probe import extract_features, make_feature_fn  # noqa: PLC0415
+    from sslvit.train import make_mesh, replicated  # noqa: PLC0415
+    import jax  # noqa: PLC0415
+
+    overrides = [f"run={pretrain_run}", "data.train_split='train[:1024]'", "data.test_split='test[:300]'",
+                 "probe.epochs=5", "knn.k=10", "progress=false"]
+    probe = LinearProbe(hydra_compose("linear_probe", overrides), tmp_path / "disk")
+    results = probe.run()
+    assert results["windows_per_epoch"] == 1 and results["feature_bytes"] == (1024 + 300) * 2 * 128 * 4
+    assert not (tmp_path / "disk" / "features").exists()  # removed once the probe is done
+
+    mesh = make_mesh()
+    variables = jax.device_put(probe.variables(), replicated(mesh))
+    fn = make_feature_fn(probe.model, probe.layers, probe.pool)
+    feats = [extract_features(fn, variables, data_lib.make_eval_iterator(probe.data_cfg, split, batch_size=256,
+                                                                         image_size=32), mesh=mesh, progress=False)
+             for split in ("train[:1024]", "test[:300]")]
+    (xtr, ytr), (xte, yte) = feats
+    xtr, xte = standardize(xtr, xte)
+    params = train_linear_probes(xtr, ytr, 10, probe.config.probe, seed=0, progress=False)
+    expect = {str(layer): float(a) for layer, a in zip(probe.layers, probe_accuracy(params, xte, yte))}
+    knn = knn_accuracy(xtr, ytr, xte, yte, 10, k=10)
+    assert results["top1"] == expect
+    assert results["knn_top1"] == {str(layer): float(a) for layer, a in zip(probe.layers, knn)}
+
+    # 1024 rows of 1 KiB: 0.25 MiB holds windows of 128 rows, 8 windows per epoch.
+    with pytest.raises(ConfigError, match="probe.memory_mb=0.25 holds 128 examples .* fewer than probe.batch_size=256"):
+        LinearProbe(hydra_compose("linear_probe", overrides + ["probe.memory_mb=0.25"]), tmp_path / "bad").run()
+    assert not (tmp_path / "bad").exists()  # before the run dir is made
+    small = LinearProbe(hydra_compose("linear_probe", overrides + ["probe.memory_mb=0.25", "probe.batch_size=64"]),
+                        tmp_path / "small")
+    streamed = small.run()
+    assert streamed["windows_per_epoch"] == 8 and streamed["knn_top1"] == results["knn_top1"]  # k-NN: same neighbours
+    assert streamed["best_top1"] > 0.2 and streamed["top1"] != results["top1"]
+
+
 def test_probe_on_a_folder_dataset(pretrain_run, hydra_compose, tmp_path):
     """Transfer to the user's own images: two classes of 40x40 PNGs (reddish vs bluish), resized to 32 px."""
     from PIL import Image  # noqa: PLC0415
@@ -126,6 +217,12 @@ def test_probe_on_a_folder_dataset(pretrain_run, hydra_compose, tmp_path):
         "probe.epochs=30", "probe.batch_size=16", "knn.k=5", "layers=[-1]", "pool=mean", "progress=false"]), out)
     assert results["num_classes"] == 2 and results["num_train"] == 48 and results["num_test"] == 20
     assert results["layers"] == [2] and results["best_top1"] >= 0.9 and results["best_knn_top1"] >= 0.9
+    # Augmented probing: features of new crops and flips every epoch (colour survives them).
+    augmented = linear_probe(hydra_compose("linear_probe", [
+        f"run={pretrain_run}", "data=folder", f"data.path={tmp_path / 'images'}", "batch_size=16", "probe.epochs=30",
+        "probe.batch_size=16", "knn.k=5", "layers=[-1]", "pool=mean", "progress=false", "probe.augment=true",
+        "probe.crop_scale=[0.3,1.0]"]), tmp_path / "augmented")
+    assert augmented["augment"] is True and augmented["best_top1"] >= 0.9
 
 
 def test_bad_probe_input(hydra_compose, tmp_path):

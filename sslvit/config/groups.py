@@ -107,10 +107,16 @@ class DataConfig(Group):
     eval_crop_pct: float = key(Number(ge=0.25, le=1), 1.0, hint="e.g. 1.0 (CIFAR) or 0.875 (ImageNet)")
     flip: bool = key(Boolean(), True)  # random horizontal flip when augmenting
     cache: bool = key(Boolean(), False)  # keep the decoded split in memory (small datasets)
+    # tf.data threads of this process's pipelines: a private pool of that many (e.g. the cores per GPU when several
+    # processes share a host); null: TensorFlow's shared pool over all cores
+    threads: int | None = key(Optional(Integer(min=1), "null (all cores)"), None)
     download: bool = key(Boolean(), True)  # try tfds download_and_prepare when the dataset is not prepared
     on_corrupt: str = key(Choice(ON_CORRUPT), "error",
                           hint="(error stops and names the file; skip leaves corrupt images out and counts them)")
     verify_images: bool = key(Boolean(), True)  # folder datasets: check images up front (needed for on_corrupt)
+    # folder datasets: where the verification manifest lives (sslvit/data/manifest.py); null: <data.path>/.sslvit if
+    # writable, else the user's cache directory
+    manifest_dir: str | None = key(Optional(Path(), "null (beside the data if writable, else ~/.cache/sslvit)"), None)
     image_key: str = key(String(), "image")  # tfds feature names
     label_key: str = key(String(), "label")
 
@@ -232,6 +238,14 @@ class ProbeOptions(Group):
     lr: float = key(Number(gt=0, lt=10), 1e-3, hint="e.g. 1e-3")
     weight_decay: float = key(Number(ge=0, lt=10), 1e-4, hint="e.g. 1e-4")
     warmup_epochs: int = key(Integer(min=0), 2)
+    # Host memory for features while the classifiers train and the k-NN runs; the features wait on disk.
+    memory_mb: float = key(Number(gt=0), 2048, hint="(MiB of features held at once; the rest stay on disk)")
+    augment: bool = key(Boolean(), False)  # features of new random-resized crops every epoch (BEiT's linear eval)
+    crop_scale: tuple[float, float] = key(Numbers(2, Number(gt=0, le=1)), (0.08, 1.0),
+                                          hint="[min, max] area fractions of probe.augment's crops, e.g. [0.08, 1.0]")
+
+    def validate(self) -> None:
+        check_crop_scale(self.crop_scale, self.dotted("crop_scale"))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -244,5 +258,22 @@ class KnnOptions(Group):
     temperature: float = key(Number(gt=0, lt=1000), 0.07, hint="e.g. 0.07")
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MonitorOptions(Group):
+    """The `monitor` group of conf/pretrain.yaml: while pretraining runs, a weighted k-NN (cosine, votes exp(sim / T))
+    of the encoder's features, a fixed labelled subset of the test split against one of the train split
+    (sslvit/evaluators.py: KnnMonitor)."""
+
+    PREFIX = "monitor"
+
+    every: int = key(Integer(min=0), 0, hint="(steps between evaluations, and the last step; 0 = off)")
+    num_train: int = key(Integer(min=1), 2000, hint="(the memory bank: the first images of data.train_split)")
+    num_test: int = key(Integer(min=1), 500, hint="(the queries: the first images of data.test_split)")
+    layer: int = key(Integer(), -1, hint="(1-based; -1 = the last)")  # checked against the depth by the stage
+    pool: str = key(AnyValue(), "cls+mean")  # a probe pooling: checked by its registry (sslvit/config/stages.py)
+    k: int = key(Integer(min=1), 20)
+    temperature: float = key(Number(gt=0, lt=1000), 0.07, hint="e.g. 0.07")
+
+
 __all__ = ["DTYPES", "DataConfig", "DistributedConfig", "FinetuneOptions", "KnnOptions", "LoopConfig", "ModelConfig",
-           "OptimConfig", "POOLS", "POS_EMBEDDINGS", "ProbeOptions", "check_crop_scale"]
+           "MonitorOptions", "OptimConfig", "POOLS", "POS_EMBEDDINGS", "ProbeOptions", "check_crop_scale"]

@@ -14,7 +14,7 @@ from sslvit.config.checks import (MISSING_VALUE, AnyValue, Boolean, Group, Integ
                                   Registered, String, Sub, key)
 from sslvit.errors import ConfigError
 from sslvit.config.groups import (DataConfig, DistributedConfig, FinetuneOptions, KnnOptions, LoopConfig,
-                                  ModelConfig, OptimConfig, ProbeOptions)
+                                  ModelConfig, MonitorOptions, OptimConfig, ProbeOptions)
 from sslvit.finetune_modes import FINETUNE_MODES
 from sslvit.masking import MASK_SAMPLERS
 from sslvit.models.stems import STEM_GIVEN, STEMS
@@ -59,6 +59,10 @@ class PretrainConfig(LoopConfig):
     data: DataConfig = key(Sub(DataConfig))
     optim: OptimConfig = key(Sub(OptimConfig))
     distributed: DistributedConfig = _distributed()
+    monitor: MonitorOptions = key(Sub(MonitorOptions), {})  # absent (older configs): off
+
+    def validate(self) -> None:
+        Name(POOLINGS)(self.monitor.pool, "monitor.pool")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

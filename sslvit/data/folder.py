@@ -1,6 +1,13 @@
 """The `folder` source: the user's own images in `data.path/<split>/<class>/**/*.{jpg,jpeg,png}`; labels from the
-sorted class directory names of the train split. Images are checked once at start-up (`data.verify_images`):
-a corrupt file stops the run naming it, or is left out and counted (`data.on_corrupt`).
+sorted class directory names of the train split.
+
+Start-up costs a listing of the files, not a decode of every image. Images are checked (`data.verify_images`) once:
+the outcome is kept in a verification manifest on disk (sslvit/data/manifest.py), keyed by each file's path, size and
+mtime, so a later start (resume, requeue, sweep job, other processes) checks only new or changed files. A corrupt file
+stops the run naming it, or is left out and counted (`data.on_corrupt`; the count goes into the run's results). The
+processes of a multi-host run share the check: each checks every n-th file and they exchange the verdicts (one
+all-gather per split), so no process checks the whole split. A file that fails to decode later anyway (changed since,
+or `data.verify_images=false`) stops the run with one line naming it (sslvit/data/iterators.py).
 
 TensorFlow is imported when the examples are read, not when this module is imported.
 """
@@ -10,14 +17,20 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import operator
 import os
 import re
+import sys
+import time
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from sslvit.data import manifest
 from sslvit.data.config import IMAGE_EXTENSIONS, DataConfig, DatasetInfo, check_num_classes, one_line
+from sslvit.data.manifest import Listing
 from sslvit.data.sources import SOURCES, Source
 from sslvit.errors import ConfigError
 
@@ -65,15 +78,65 @@ def _image_problem(path: str) -> str | None:
     return None
 
 
-# (path, size, mtime_ns) -> problem or None: a second scan of an unchanged folder re-reads no image.
-_VERIFIED: dict[tuple[str, int, int], str | None] = {}
-
-
 @dataclasses.dataclass(frozen=True)
 class _FolderSplit:
-    paths: np.ndarray  # str, in the canonical (seeded) order, corrupt files removed
+    paths: np.ndarray  # bytes (1 byte a character, not str's 4), in the canonical (seeded) order, corrupt files removed
     labels: np.ndarray  # int32
     skipped: tuple[str, ...]
+
+
+# Scans already made by this process: (split dir, classes, check settings) -> (split, [(dir, mtime_ns)]). Reused while
+# no directory of the split changed (a file added, removed or renamed changes its directory's mtime); in a multi-process
+# run reused as they are, so that every process runs the same collectives in the same order.
+_SCANS: dict[tuple, tuple[_FolderSplit, list[tuple[str, int]]]] = {}
+
+
+def _process_group() -> tuple[int, int]:
+    """(index, count) of this JAX process; (0, 1) when JAX is not even imported (then no multi-process run is on)."""
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return 0, 1
+    return jax.process_index(), jax.process_count()
+
+
+def _list_split(split_dir: Path, classes: Sequence[str], index: dict[str, int]) -> tuple[Listing, list]:
+    """The image files under `split_dir/<class>/` in the canonical order (classes sorted, then each directory's
+    entries sorted by name, depth first: the order of `sorted(Path.rglob(...))`), with sizes and mtimes; and the
+    directories visited with their mtimes. One `scandir` per directory and one `stat` per file."""
+    rel: list[str] = []
+    labels: list[int] = []
+    size: list[int] = []
+    mtime: list[int] = []
+    dirs: list[tuple[str, int]] = [(str(split_dir), os.stat(split_dir).st_mtime_ns)]
+    by_name = operator.attrgetter("name")
+
+    def walk(path: str, prefix: str, label: int) -> None:
+        with os.scandir(path) as it:
+            entries = sorted(it, key=by_name)
+        for e in entries:
+            if e.is_dir():
+                dirs.append((e.path, e.stat().st_mtime_ns))
+                walk(e.path, f"{prefix}{e.name}/", label)
+            elif e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith(".") and e.is_file():
+                st = e.stat()
+                rel.append(prefix + e.name)
+                labels.append(label)
+                size.append(st.st_size)
+                mtime.append(st.st_mtime_ns)
+
+    for c in classes:
+        path = os.path.join(split_dir, c)
+        dirs.append((path, os.stat(path).st_mtime_ns))
+        walk(path, f"{c}/", index[c])
+    listing = Listing(rel, np.asarray(labels, np.int32), np.asarray(size, np.int64), np.asarray(mtime, np.int64))
+    return listing, dirs
+
+
+def _unchanged(dirs: list[tuple[str, int]]) -> bool:
+    try:
+        return all(os.stat(d).st_mtime_ns == m for d, m in dirs)
+    except OSError:
+        return False
 
 
 @SOURCES.register("folder")
@@ -160,35 +223,72 @@ class FolderSource(Source):
                 f"'{split_dir / unknown[0]}' is a class directory that {self.dc.train_split!r} lacks; the classes "
                 f"are the train split's: {', '.join(self.class_names)}"
             )
-        files: list[tuple[str, int]] = []
-        for c in extra:
-            for p in sorted((split_dir / c).rglob("*")):
-                if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith("."):
-                    files.append((str(p), index[c]))
-        if not files:
+        dc = self.dc
+        cache_key = (str(split_dir), self.class_names, dc.verify_images, dc.on_corrupt, dc.manifest_dir)
+        cached = _SCANS.get(cache_key)
+        if cached is not None and (_process_group()[1] > 1 or _unchanged(cached[1])):
+            return cached[0]
+        t0 = time.perf_counter()
+        listing, dirs = _list_split(split_dir, extra, index)
+        if not len(listing):
             raise ConfigError(
                 f"'{split_dir}' holds no images ({'/'.join(IMAGE_EXTENSIONS)}) in class sub-directories; "
                 f"expected {split_dir}/<class>/<image>"
             )
+        prefix = f"{split_dir}{os.sep}"
+        paths = np.array([os.fsencode(prefix + r) for r in listing.rel])
+        listed = time.perf_counter() - t0
         skipped: tuple[str, ...] = ()
-        if self.dc.verify_images:
-            problems = _verify_files([f for f, _ in files])
+        keep = np.ones(len(listing), bool)
+        if dc.verify_images:
+            problems = self._check(name, listing, paths)
             if problems:
                 bad = sorted(problems)
-                if self.dc.on_corrupt == "error":
+                first = os.fsdecode(paths[bad[0]])
+                if dc.on_corrupt == "error":
                     more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
                     raise ConfigError(
-                        f"corrupt or unreadable image '{bad[0]}' ({problems[bad[0]]}){more}; fix or delete it, "
+                        f"corrupt or unreadable image '{first}' ({problems[bad[0]]}){more}; fix or delete it, "
                         "or set data.on_corrupt=skip to leave such files out"
                     )
-                skipped = tuple(bad)
-                files = [(f, y) for f, y in files if f not in problems]
-                if not files:
-                    raise ConfigError(f"every image in '{split_dir}' is corrupt, e.g. '{bad[0]}'")
-        order = np.random.default_rng(0).permutation(len(files))  # fixed: the canonical order of the split
-        paths = np.array([files[i][0] for i in order])
-        labels = np.array([files[i][1] for i in order], dtype=np.int32)
-        return _FolderSplit(paths, labels, skipped)
+                skipped = tuple(os.fsdecode(paths[i]) for i in bad)
+                keep[bad] = False
+                if not keep.any():
+                    raise ConfigError(f"every image in '{split_dir}' is corrupt, e.g. '{first}'")
+        log.info("folder split %s: %d images listed in %.1fs%s", split_dir, len(listing), listed,
+                 f", checked in {time.perf_counter() - t0 - listed:.1f}s" if dc.verify_images else "")
+        paths, labels = paths[keep], listing.labels[keep]
+        order = np.random.default_rng(0).permutation(len(paths))  # fixed: the canonical order of the split
+        split = _FolderSplit(paths[order], labels[order], skipped)
+        _SCANS[cache_key] = (split, dirs)
+        return split
+
+    def _check(self, name: str, listing: Listing, paths: np.ndarray) -> dict[int, str]:
+        """Problems of the listed files, by index: from the manifest where a file is unchanged, else checked now
+        (this process's share of them in a multi-process run); the manifest is then brought up to date."""
+        dirs = manifest.manifest_dirs(self.root, self.dc.manifest_dir)
+        blob = listing.blob()
+        old = manifest.load(dirs, name)
+        n = len(listing)
+        known, recorded, exact = old.match(listing, blob) if old is not None else (np.zeros(n, bool), {}, False)
+        pi, pc = _process_group()
+        own = np.arange(pi, n, pc)  # every pc-th file, whatever this process's manifest says: same work split on all
+        todo = own[~known[own]]
+        if len(todo):
+            log.info("checking %d of %d images of %s (the others are in the verification manifest)%s", len(todo), n,
+                     self.root / name, f", process {pi} of {pc}" if pc > 1 else "")
+        found = _verify_files(paths[todo])
+        problems = {i: p for i, p in recorded.items() if i % pc == pi}
+        problems.update({int(todo[j]): p for j, p in found.items()})
+        checked = len(todo)
+        if pc > 1:
+            bad, checked = _share_verdicts(n, zlib.crc32(blob), problems, checked, self.root / name)
+            for i in bad - problems.keys():  # found by another process: the reason recorded, or read again (a few)
+                problems[i] = (recorded.get(i) or _image_problem(os.fsdecode(paths[i]))
+                               or "failed the check on another process")
+        if pi == 0 and not exact:
+            manifest.save(dirs, name, manifest.Manifest.of(listing, problems))
+        return problems
 
     def _shard_range(self, n: int, index: int, count: int, drop_remainder: bool) -> slice:
         if drop_remainder:  # equal shards: every process runs the same number of training steps
@@ -201,34 +301,52 @@ class FolderSource(Source):
         sl = self._shard_range(n, index, count, drop_remainder)
         return sl.stop - sl.start
 
-    def examples(self, split, index, count, drop_remainder, order_seed):
-        from sslvit.data._tf import AUTOTUNE, tf  # noqa: PLC0415
-
+    def _shard(self, split, index, count, drop_remainder, order_seed) -> tuple[np.ndarray, np.ndarray]:
         data = self._split(split, "split")
         sl = self._shard_range(len(data.paths), index, count, drop_remainder)
         paths, labels = data.paths[sl], data.labels[sl]
         if order_seed is not None:  # a full permutation of the file list costs nothing: no shuffle buffer needed
             perm = np.random.default_rng(order_seed).permutation(len(paths))
             paths, labels = paths[perm], labels[perm]
+        return paths, labels
+
+    def files(self, split, index, count, drop_remainder, order_seed):
+        return [os.fsdecode(p) for p in self._shard(split, index, count, drop_remainder, order_seed)[0]]
+
+    def examples(self, split, index, count, drop_remainder, order_seed):
+        from sslvit.data._tf import AUTOTUNE, tf  # noqa: PLC0415
+
+        paths, labels = self._shard(split, index, count, drop_remainder, order_seed)
         ds = tf.data.Dataset.from_tensor_slices({"image": paths, "label": labels})
         ds = ds.map(lambda ex: {"image": tf.io.read_file(ex["image"]), "label": ex["label"]},
                     num_parallel_calls=AUTOTUNE)
         return ds, order_seed is not None
 
 
-def _verify_files(paths: Sequence[str]) -> dict[str, str]:
-    """Problems of the images among `paths`, checked in a thread pool (PIL releases the GIL while decoding)."""
-    keys = {}
-    for p in paths:
-        st = os.stat(p)
-        keys[p] = (p, st.st_size, st.st_mtime_ns)
-    todo = [p for p in paths if keys[p] not in _VERIFIED]
-    if todo:
-        workers = min(32, 4 * (os.cpu_count() or 1))
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            for p, problem in zip(todo, pool.map(_image_problem, todo, chunksize=64)):
-                _VERIFIED[keys[p]] = problem
-    return {p: _VERIFIED[keys[p]] for p in paths if _VERIFIED[keys[p]] is not None}
+def _verify_files(paths: Sequence) -> dict[int, str]:
+    """Problems of the images among `paths` (str or bytes), by position, checked in a thread pool (PIL releases the
+    GIL while decoding)."""
+    if not len(paths):
+        return {}
+    workers = min(32, 4 * (os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        verdicts = pool.map(_image_problem, (os.fsdecode(p) for p in paths), chunksize=64)
+        return {i: problem for i, problem in enumerate(verdicts) if problem is not None}
+
+
+def _share_verdicts(n: int, crc: int, problems: dict[int, str], checked: int, where: Path) -> tuple[set[int], int]:
+    """All processes' bad files (indices) and how many files they checked together: two all-gathers, which every
+    process runs once per split scan. The processes must have listed the same files (a shared file system)."""
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    heads = np.asarray(multihost_utils.process_allgather(np.asarray([n, crc, checked], np.int64)))
+    if not (heads[:, :2] == heads[0, :2]).all():
+        raise ConfigError(f"the processes of this run list different files in '{where}' ({heads[:, 0].tolist()} "
+                          "images): data.path must be one file system shared by every host, unchanged while it runs")
+    flags = np.zeros(n, np.int8)
+    flags[list(problems)] = 1
+    every = np.asarray(multihost_utils.process_allgather(flags)).reshape(-1, n)
+    return set(np.flatnonzero(every.any(axis=0)).tolist()), int(heads[:, 2].sum())
 
 
 # A new kind of source = one class taking a DataConfig + one entry here; other names are tfds names.

@@ -16,10 +16,31 @@ import numpy as np
 
 from sslvit.config.checks import Integer
 from sslvit.data._tf import AUTOTUNE, tf
-from sslvit.data.config import DataConfig, check_crop_scale, processes
+from sslvit.data.config import DataConfig, check_crop_scale, one_line, processes
 from sslvit.data.sources import create_source
 from sslvit.data.transforms import augment_batch, augment_example, center_crop_resize, normalize, options
 from sslvit.errors import ConfigError
+
+
+# An image that fails to decode is searched for among the files of the failing batch and of the next few (the
+# pipeline decodes ahead of what it yields).
+LOOKAHEAD_BATCHES = 8
+
+
+def undecodable(candidates: Sequence[str] | None, error: Exception, dc: DataConfig) -> Exception:
+    """The error to raise when the pipeline failed with `error`: one line naming the first of `candidates` (the files
+    the failing batch may hold) that TensorFlow cannot decode, else `error` itself."""
+    for path in candidates or ():
+        try:
+            tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        except (tf.errors.OpError, ValueError) as e:
+            why = one_line(getattr(e, "message", e), 120)
+            if dc.verify_images:  # it changed after the check, or PIL accepts what TensorFlow does not
+                return ConfigError(f"image '{path}' cannot be decoded ({why}) though it passed the start-up check; fix "
+                                   "or delete it (a new start checks a changed file again)")
+            return ConfigError(f"image '{path}' cannot be decoded ({why}); fix or delete it, or set "
+                               "data.verify_images=true data.on_corrupt=skip to leave such files out")
+    return error
 
 
 def _epoch_seeds(seed: int, epoch: int, process_index: int) -> tuple[int, int, int]:
@@ -35,8 +56,9 @@ class TrainIterator(Iterator[dict]):
     `make_train_iterator(..., start_step=k)`."""
 
     def __init__(self, epoch_dataset: Callable[[int, int], tf.data.Dataset], steps_per_epoch: int, start_step: int,
-                 num_examples: int):
+                 num_examples: int, explain: Callable[[int, int, Exception], Exception] | None = None):
         self._epoch_dataset = epoch_dataset
+        self._explain = explain  # (epoch, step in epoch, pipeline error) -> the error to raise (naming a bad file)
         self.steps_per_epoch = steps_per_epoch
         self.num_examples = num_examples  # this process's shard of the training split
         self.step = start_step
@@ -61,6 +83,9 @@ class TrainIterator(Iterator[dict]):
                 f"the training split ended before step {self.step} of epoch {self.epoch} "
                 f"({self.steps_per_epoch} steps expected): its metadata does not match its data"
             ) from None
+        except tf.errors.OpError as e:  # an image that cannot be read or decoded: name it
+            self._it = None
+            raise (self._explain(self.epoch, self.step % self.steps_per_epoch, e) if self._explain else e) from None
         self.step += 1
         if self.step % self.steps_per_epoch == 0:
             self._it = None  # epoch done (the rest, < one batch, is dropped)
@@ -72,10 +97,13 @@ class EvalIterator(Iterator[dict]):
 
     `len()` is the number of batches, the same on every process."""
 
-    def __init__(self, ds: tf.data.Dataset, num_batches: int, num_examples: int):
+    def __init__(self, ds: tf.data.Dataset, num_batches: int, num_examples: int,
+                 explain: Callable[[int, Exception], Exception] | None = None):
         self._it = ds.as_numpy_iterator()
         self.num_batches = num_batches
         self.num_examples = num_examples  # real examples on this process
+        self._explain = explain  # (batch index, pipeline error) -> the error to raise (naming a bad file)
+        self._done = 0
 
     def __len__(self) -> int:
         return self.num_batches
@@ -84,7 +112,12 @@ class EvalIterator(Iterator[dict]):
         return self
 
     def __next__(self) -> dict:
-        return next(self._it)
+        try:
+            batch = next(self._it)
+        except tf.errors.OpError as e:  # an image that cannot be read or decoded: name it
+            raise (self._explain(self._done, e) if self._explain else e) from None
+        self._done += 1
+        return batch
 
 
 def make_train_iterator(
@@ -161,9 +194,16 @@ def make_train_iterator(
             ds = ds.map(transform_one, num_parallel_calls=AUTOTUNE)
             ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE)
             ds = ds.map(lambda b: {"image": normalize(b["image"], dc.mean, dc.std), "label": b["label"]})
-        return ds.prefetch(AUTOTUNE).with_options(options())
+        return ds.prefetch(AUTOTUNE).with_options(options(dc.threads))
 
-    return TrainIterator(epoch_dataset, steps_per_epoch, start_step, n)
+    def explain(epoch: int, offset: int, error: Exception) -> Exception:
+        if base is not None:  # cached, then shuffled: any file read so far, in the order they were read
+            files = source.files(dc.train_split, pi, pc, True, None)
+            return undecodable(files and files[: (offset + 1) * batch_size + buffer], error, dc)
+        files = source.files(dc.train_split, pi, pc, True, _epoch_seeds(seed, epoch, pi)[1])
+        return undecodable(files and files[offset * batch_size: (offset + LOOKAHEAD_BATCHES) * batch_size], error, dc)
+
+    return TrainIterator(epoch_dataset, steps_per_epoch, start_step, n, explain)
 
 
 def make_eval_iterator(
@@ -211,6 +251,11 @@ def make_eval_iterator(
         ds = ds.concatenate(tf.data.Dataset.from_tensors(filler).repeat(pad))
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds.map(lambda b: {**b, "image": normalize(b["image"], dc.mean, dc.std)}, num_parallel_calls=AUTOTUNE)
-    ds = ds.prefetch(AUTOTUNE).with_options(options())
-    return EvalIterator(ds, num_batches, n)
+    ds = ds.prefetch(AUTOTUNE).with_options(options(dc.threads))
+
+    def explain(index: int, error: Exception) -> Exception:
+        files = source.files(split, pi, pc, False, None)
+        return undecodable(files and files[index * batch_size: (index + LOOKAHEAD_BATCHES) * batch_size], error, dc)
+
+    return EvalIterator(ds, num_batches, n, explain)
 

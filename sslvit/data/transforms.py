@@ -151,8 +151,13 @@ def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> 
     return tf.cast(image, tf.float32) * scale + shift
 
 
-def options() -> tf.data.Options:
+def options(threads: int | None = None) -> tf.data.Options:
+    """Deterministic order; with `threads`, a private thread pool of that size (and no intra-op parallelism on top:
+    each map call on one thread), so that processes sharing a host share its cores as told."""
     options = tf.data.Options()
     options.deterministic = True  # parallel maps keep their input order: batches depend on (seed, step) only
+    if threads is not None:
+        options.threading.private_threadpool_size = threads
+        options.threading.max_intra_op_parallelism = 1
     return options
 

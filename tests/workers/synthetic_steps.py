@@ -43,9 +43,10 @@ if run_dir != "-":
     from sslvit.metrics import read_metrics  # noqa: E402
 
     common = TINY_PRETRAIN + ["log_every=1", "ckpt_every=2", "batch_size=16", "target.num_samples=1000",
-                              "eval_batches=1", "data.train_split='train[:512]'"]
-    res = pretrain(compose_config("pretrain", common + ["steps=4"]), run_dir)
-    out["stage"] = {k: res.get(k) for k in ("train_loss", "test_accuracy", "test_batches")}
+                              "eval_batches=1", "data.train_split='train[:512]'", "monitor.num_train=64",
+                              "monitor.num_test=32"]
+    res = pretrain(compose_config("pretrain", common + ["steps=4"]), run_dir)  # the k-NN monitor at step 4
+    out["stage"] = {k: res.get(k) for k in ("train_loss", "test_accuracy", "test_batches", "monitor/knn_top1")}
     if pid == 1:
         def watch():
             while not any(r["step"] >= 6 for r in read_metrics(run_dir)):
