@@ -130,9 +130,11 @@ class Step:
 
 
 def pretrain_step(preset: str | dict, batch: int, *, dtype: str = "float32", accum_steps: int = 1, vocab: int = 512,
-                  stem: str = "hmlp", **model_overrides) -> Step:
+                  stem: str = "hmlp", device_data=None, **model_overrides) -> Step:
     """The pretraining step as `sslvit.pretraining` builds it: hMLP stem with BatchNorm, block masking at 0.4, the
-    k-means target (a random `vocab`-code codebook; tokens assigned on device in the step), AdamW, donated state."""
+    k-means target (a random `vocab`-code codebook; tokens assigned on device in the step), AdamW, donated state.
+    `device_data` (sslvit.data.ondevice.DeviceData): the in-memory path, as the stage builds it for
+    data.source=arrays: the batch is example indices, the images are gathered and augmented inside the step."""
     enc = build_vit(from_flat(model_preset(preset, stem=stem, dtype=dtype, **model_overrides)), num_classes=0,
                     use_mask_token=True)
     target = targets.make_target("kmeans", patch_size=enc.patch_size, vocab_size=vocab)
@@ -156,10 +158,15 @@ def pretrain_step(preset: str | dict, batch: int, *, dtype: str = "float32", acc
         loss, metrics = target.loss(preds, tokens, b["mask"])
         return loss, (metrics, upd.get("batch_stats", batch_stats))
 
+    inputs = {"image": images, "mask": mask}
+    if device_data is not None:  # consts and batch as TrainingStage.execute makes them for the device path
+        loss_fn = device_data.wrap_loss(loss_fn)
+        consts = jax.device_put(device_data.consts(consts))
+        inputs = {"index": jnp.asarray(next(device_data.index_batches(0))["index"]), "mask": mask}
     step = jax.jit(make_train_step(loss_fn, opt, seed=0, accum_steps=accum_steps), donate_argnums=(0,))
     # Model FLOPs (analytic: XLA's cost analysis counts a scanned layer once) + the tokenizer's assignment matmul.
     flops = batch * (train_flops(enc, head_outputs_per_patch=vocab) + 2 * enc.num_patches * target.patch_dim * vocab)
-    return Step(step, state, {"image": images, "mask": mask}, consts, flops, enc)
+    return Step(step, state, inputs, consts, flops, enc)
 
 
 def finetune_step(preset: str | dict, batch: int, *, dtype: str = "float32", mode: str = "full",

@@ -73,7 +73,9 @@ class Pretraining(TrainingStage):
 
     # ----------------------------------------------------------------------------------------- hooks
     def prepare(self):
-        return data_lib.dataset_info(self.data_cfg)  # a missing dataset fails here, before anything is written
+        info = data_lib.dataset_info(self.data_cfg)  # a missing dataset fails here, before anything is written
+        self.use_device_data(image_size=self.image_size, crop_scale=self.data_cfg.crop_scale, with_labels=False)
+        return info
 
     def setup(self):
         """Fit the target's tokenizer (or load it: `target.path`, or the run's own when resuming)."""
@@ -120,12 +122,10 @@ class Pretraining(TrainingStage):
         a resumed run sees exactly the masks of an uninterrupted one."""
         n = self.local_batch_size
         seed = self.config.seed
-        it = data_lib.make_train_iterator(self.data_cfg, batch_size=n, image_size=self.image_size, seed=seed,
-                                          start_step=start_step)
         step = start_step
-        for batch in it:
+        for batch in self.input_batches(start_step, image_size=self.image_size):
             rng = np.random.default_rng([seed, step, jax.process_index()])
-            yield {"image": batch["image"], "mask": self.sampler(rng, n)}
+            yield {**{k: v for k, v in batch.items() if k != "label"}, "mask": self.sampler(rng, n)}
             step += 1
 
     def batch_spec(self):
