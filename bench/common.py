@@ -158,9 +158,11 @@ class Step:
 
 
 def pretrain_step(preset: str | dict, batch: int, *, dtype: str = "float32", accum_steps: int = 1, vocab: int = 512,
-                  stem: str = "hmlp", **model_overrides) -> Step:
+                  stem: str = "hmlp", device_data=None, **model_overrides) -> Step:
     """The pretraining stage's own step (`Pretraining.build`): block masking at 0.4, the k-means target (a random
-    `vocab`-code codebook; tokens assigned on device in the step), AdamW, donated state; hMLP stem by default."""
+    `vocab`-code codebook; tokens assigned on device in the step), AdamW, donated state; hMLP stem by default.
+    `device_data` (sslvit.data.ondevice.DeviceData): the in-memory path, as the stage builds it for
+    data.source=arrays: the batch is example indices, the images are gathered and augmented inside the step."""
     from sslvit.pretraining import Pretraining  # noqa: PLC0415
     from sslvit.train import make_mesh  # noqa: PLC0415
 
@@ -168,6 +170,7 @@ def pretrain_step(preset: str | dict, batch: int, *, dtype: str = "float32", acc
     cfg = compose("pretrain", {"model": enc["model"], "stem": enc["stem"]}, batch_size=batch, mask_ratio=0.4,
                   optim=dict(OPTIM, accum_steps=accum_steps), **{"target.vocab_size": vocab})
     stage = Pretraining(cfg, None)
+    stage.device_data = device_data
     consts = {"codebook": jax.random.normal(jax.random.key(1), (vocab, stage.target.patch_dim)),
               "counts": jnp.ones((vocab,), jnp.int32)}
     state, step = stage.build(make_mesh(), 1000)
@@ -177,7 +180,11 @@ def pretrain_step(preset: str | dict, batch: int, *, dtype: str = "float32", acc
     e = stage.encoder
     # Model FLOPs (analytic: XLA's cost analysis counts a scanned layer once) + the tokenizer's assignment matmul.
     flops = batch * (train_flops(e, head_outputs_per_patch=vocab) + 2 * e.num_patches * stage.target.patch_dim * vocab)
-    return Step(step, state, {"image": images, "mask": mask}, consts, flops, e)
+    inputs = {"image": images, "mask": mask}
+    if device_data is not None:  # consts and batch as TrainingStage.execute makes them for the device path
+        consts = jax.device_put(device_data.consts(consts))
+        inputs = {"index": jnp.asarray(next(device_data.index_batches(0))["index"]), "mask": mask}
+    return Step(step, state, inputs, consts, flops, e)
 
 
 def finetune_step(preset: str | dict, batch: int, *, dtype: str = "float32", mode: str = "full",

@@ -93,6 +93,7 @@ class Finetuning(TrainingStage):
         check_classes(info, "fine-tuning a classifier")
         if info.num_classes != self.num_classes:
             raise ConfigError(f"data.num_classes={self.num_classes} but {info.name} has {info.num_classes} classes")
+        self.use_device_data(image_size=self.image_size, crop_scale=self.ft.crop_scale, with_labels=True)
         return info
 
     def init_variables(self) -> tuple[dict, dict]:
@@ -139,10 +140,9 @@ class Finetuning(TrainingStage):
         return loss, ({"accuracy": accuracy}, updates.get("batch_stats", batch_stats))
 
     def train_batches(self, start_step: int):
-        host = data_lib.make_train_iterator(self.data_cfg, batch_size=self.local_batch_size,
-                                            image_size=self.image_size, seed=self.config.seed, start_step=start_step,
-                                            crop_scale=self.ft.crop_scale)
-        return ({"image": b["image"], "label": b["label"]} for b in host)
+        keys = ("index",) if self.device_data is not None else ("image", "label")
+        batches = self.input_batches(start_step, image_size=self.image_size, crop_scale=self.ft.crop_scale)
+        return ({k: b[k] for k in keys} for b in batches)
 
     def batch_spec(self):
         s, b = self.image_size, self.batch_size

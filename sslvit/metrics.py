@@ -22,8 +22,11 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
-from tensorboard.compat.proto import event_pb2, summary_pb2
-from tensorboard.summary.writer.record_writer import RecordWriter
+try:  # TensorBoard's record format and protos only (no TensorFlow); a bare JAX host may lack the package
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+except ImportError:  # then metrics.jsonl alone (MetricWriter says so once)
+    event_pb2 = summary_pb2 = RecordWriter = None
 
 from sslvit.errors import ConfigError
 from sslvit.rundir import METRICS_FILE, TB_DIR
@@ -134,7 +137,8 @@ class MetricWriter:
       enabled: False on processes other than 0 (``jax.process_index() != 0``): then every call is a no-op.
       resume_step: the step the run continues after (its checkpoint's step; 0 for a run starting over): rows and
         events a previous attempt logged after it are dropped. None: append to whatever is there.
-      tensorboard: also write event files (default True).
+      tensorboard: also write event files (default True; skipped, with one log line, where the tensorboard
+        package is not installed).
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, enabled: bool = True, resume_step: int | None = None,
@@ -153,7 +157,9 @@ class MetricWriter:
         elif path.is_file():
             _cut_partial_last_line(path)  # else our first row would be glued onto it
         self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        if tensorboard:
+        if tensorboard and RecordWriter is None:
+            log.info("the tensorboard package is not installed: metrics go to %s only", path)
+        elif tensorboard:
             self._events = _EventFile(self.run_dir / TB_DIR)
             if resume_step is not None:
                 self._events.session_start(int(resume_step) + 1)

@@ -35,7 +35,8 @@ ARCH_KEYS = ("model.patch_size", "model.dim", "model.depth", "model.heads", "mod
              "model.layer_scale_init", "stem.name", "stem.norm")
 # Keys a user may change when reusing a trained encoder (they change how it runs, not what it holds).
 RUNTIME_KEYS = ("model.dtype", "model.remat", "model.unroll_layers", "model.dropout", "model.emb_dropout",
-                "model.pool", "model.drop_path", "model.attention", "model.remat_policy")
+                "model.pool", "model.drop_path", "model.attention", "model.remat_policy",
+                "model.drop_path_schedule")
 # Leaves a classifier built from a pretrained encoder does not have (pretext-only parameters).
 PRETEXT_ONLY = (("mask_token",),)
 

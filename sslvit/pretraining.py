@@ -85,6 +85,7 @@ class Pretraining(TrainingStage):
             raise ConfigError(f"monitor.every={self.config.monitor.every} needs labelled test images, and "
                               f"data.test_split={self.data_cfg.test_split!r} of {info.name} has none; set "
                               "monitor.every=0 or point data.test_split at a labelled split")
+        self.use_device_data(image_size=self.image_size, crop_scale=self.data_cfg.crop_scale, with_labels=False)
         return info
 
     def setup(self):
@@ -149,12 +150,10 @@ class Pretraining(TrainingStage):
         a resumed run sees exactly the masks of an uninterrupted one."""
         n = self.local_batch_size
         seed = self.config.seed
-        it = data_lib.make_train_iterator(self.data_cfg, batch_size=n, image_size=self.image_size, seed=seed,
-                                          start_step=start_step)
         step = start_step
-        for batch in it:
+        for batch in self.input_batches(start_step, image_size=self.image_size):
             rng = np.random.default_rng([seed, step, jax.process_index()])
-            yield {"image": batch["image"], "mask": self.sampler(rng, n)}
+            yield {**{k: v for k, v in batch.items() if k != "label"}, "mask": self.sampler(rng, n)}
             step += 1
 
     def batch_spec(self):

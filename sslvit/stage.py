@@ -18,6 +18,10 @@ the run's course depends on (seed, batch size, data, model, ...: everything but 
 before anything is written, unless `resume_changes=true` asks for it; the change is then logged and recorded in
 metrics.jsonl and the results.
 
+With an in-memory dataset (`data.source=arrays`) a stage calls `use_device_data` in `prepare`: the training split
+goes to the devices with the step's constants, the batches are example indices, and the step itself gathers,
+crops, flips and normalises its images before the stage's loss (sslvit/data/ondevice.py).
+
 A stage supplies its config schema (`Config`), `prepare`, and for training: `initial_variables`, `loss_fn`,
 `train_batches`, `batch_spec`, `evaluators`, `meta` and `results`. Everything else is here.
 """
@@ -169,6 +173,7 @@ class TrainingStage(Stage):
     progress_label = "train"
     commits_first = False  # execute() commits after the restore (a damaged run's dir stays as it was)
     resume_changes: dict[str, tuple[Any, Any]] = {}  # keys changed on resume (resume_changes=true)
+    device_data = None  # sslvit.data.ondevice.DeviceData: the training split on the devices (`use_device_data`)
 
     # -------------------------------------------------------------------------------------- hooks
     def setup(self) -> Any:
@@ -208,6 +213,26 @@ class TrainingStage(Stage):
         """Stage-specific result keys, after training."""
         return {}
 
+    # -------------------------------------------------------------------------------------- input
+    def use_device_data(self, *, image_size: int, crop_scale, with_labels: bool) -> None:
+        """Keep the training split on the devices when the source holds it in memory (`data.source=arrays`)."""
+        dc = self.config.data
+        if dc.source_name == "arrays":
+            from sslvit.data.arrays import device_data  # noqa: PLC0415
+
+            self.device_data = device_data(dc, batch_size=self.batch_size, image_size=image_size,
+                                           crop_scale=crop_scale, seed=self.config.seed, with_labels=with_labels)
+
+    def input_batches(self, start_step: int, *, image_size: int, crop_scale=None) -> Iterator[dict]:
+        """This process's rows of each step's input from `start_step` on: {'index'} when the split is on the devices
+        (the step makes the images), else host batches {'image', 'label'} (sslvit/data)."""
+        if self.device_data is not None:
+            return self.device_data.index_batches(start_step, jax.process_index(), jax.process_count())
+        from sslvit import data as data_lib  # noqa: PLC0415
+
+        return data_lib.make_train_iterator(self.config.data, batch_size=self.local_batch_size, image_size=image_size,
+                                            seed=self.config.seed, start_step=start_step, crop_scale=crop_scale)
+
     # -------------------------------------------------------------------------------------- the run
     def build(self, mesh, total_steps: int, variables: tuple[Any, Any, Any] | None = None):
         """(replicated train state, jitted donated train step). `variables`: (params, frozen, batch_stats) to start
@@ -220,7 +245,8 @@ class TrainingStage(Stage):
         optimizer, schedule = optim.make_optimizer(self.config.optim, params, total_steps=total_steps,
                                                    depth=self.layer_decay_depth)
         state = jax.jit(lambda p, f, s: TrainState.create(p, f, s, optimizer), out_shardings=rep)(params, frozen, stats)
-        step_fn = make_train_step(self.loss_fn, optimizer, seed=self.config.seed,
+        loss_fn = self.loss_fn if self.device_data is None else self.device_data.wrap_loss(self.loss_fn)
+        step_fn = make_train_step(loss_fn, optimizer, seed=self.config.seed,
                                   accum_steps=self.config.optim.accum_steps, schedule=schedule)
         return state, jax.jit(step_fn, donate_argnums=(0,), out_shardings=(rep, rep))
 
@@ -228,7 +254,8 @@ class TrainingStage(Stage):
         from sslvit.train import batch_sharding  # noqa: PLC0415
 
         sh = batch_sharding(mesh)
-        return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sh) for k, (shape, dtype) in self.batch_spec().items()}
+        spec = self.batch_spec() if self.device_data is None else self.device_data.batch_spec(self.batch_spec())
+        return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sh) for k, (shape, dtype) in spec.items()}
 
     def check_resume(self) -> None:
         """A resumed run continues its run: `steps` not below the step reached, and the keys that decide the run's
@@ -278,6 +305,8 @@ class TrainingStage(Stage):
             elif cfg.resume:
                 log.info("resume=true but no checkpoint in %s: starting from step 0", ckpt.directory)
             consts = self.setup()
+            if self.device_data is not None:  # the training split, replicated: each device gathers its own rows
+                consts = self.device_data.consts(consts)
             consts = jax.device_put(consts, rep) if consts is not None else None
             self.commit()  # from here on the run writes into its dir
             signals.phase("compile")

@@ -61,6 +61,17 @@ def tfds_cifar10() -> str:
 
 
 @pytest.fixture(scope="session")
+def cifar10_arrays(tfds_cifar10, tmp_path_factory) -> Path:
+    """A folder with train.npz (the first 2048 CIFAR-10 training images) and test.npz (the first 512 test images),
+    written by the arrays source's own tool (`python -m sslvit.data.materialize`)."""
+    from sslvit.data.materialize import materialize  # noqa: PLC0415
+
+    out = tmp_path_factory.mktemp("cifar10_arrays")
+    materialize("cifar10", out, ["train[:2048]=train", "test[:512]=test"], data_dir=tfds_cifar10)
+    return out
+
+
+@pytest.fixture(scope="session")
 def pretrain_run(tfds_cifar10, tmp_path_factory) -> Path:
     """The run dir of a tiny real pretraining run on CIFAR-10 (checkpoints at steps 30 and 60, tokenizer, results)."""
     from sslvit.pretraining import pretrain  # noqa: PLC0415

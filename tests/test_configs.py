@@ -7,14 +7,38 @@ from conftest import CONF_DIR, compose_config
 from sslvit.pretraining import Pretraining
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+FINETUNE_EXPERIMENTS = [e for e in EXPERIMENTS if e.endswith("_finetune")]  # recipes of finetune.py
+PRETRAIN_EXPERIMENTS = [e for e in EXPERIMENTS if e not in FINETUNE_EXPERIMENTS]
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("experiment", PRETRAIN_EXPERIMENTS)
 def test_experiment_recipes_compose_and_validate(experiment):
     cfg = compose_config("pretrain", [f"experiment={experiment}"])
     p = Pretraining(cfg, None)  # validates the model, mask, target, optimiser and data config
     assert p.config.steps == cfg.steps and p.encoder.stem == cfg.stem.name and p.target.name == cfg.target.name
+
+
+@pytest.mark.parametrize("experiment", FINETUNE_EXPERIMENTS)
+def test_finetune_recipes_compose_and_validate(experiment):
+    from sslvit.finetune import Finetuning  # noqa: PLC0415
+
+    f = Finetuning(compose_config("finetune", [f"experiment={experiment}", "run=null"]), None)
+    assert f.config.steps > 0 and f.model.drop_path_schedule == f.config.model.drop_path_schedule
+
+
+def test_cifar10_recipes_fine_tune_from_scratch_the_architecture_they_pretrain():
+    """The from-scratch baseline of the evidence (experiments/cifar10_evidence.py) is the pretrained encoder's
+    architecture, with the same fine-tuning recipe as the pretrained run."""
+    from sslvit.finetune import Finetuning  # noqa: PLC0415
+
+    p = Pretraining(compose_config("pretrain", ["experiment=cifar10_pretrain"]), None)
+    f = Finetuning(compose_config("finetune", ["experiment=cifar10_finetune", "run=null"]), None)
+    arch = ("dim", "depth", "heads", "mlp_dim", "num_parallel_branches", "patch_size", "image_size", "layer_scale_init")
+    assert {k: p.encoder_cfg["model"][k] for k in arch} == {k: f.encoder_cfg["model"][k] for k in arch}
+    assert p.encoder_cfg["stem"] == f.encoder_cfg["stem"]
+    # The pretraining run saves the linear drop-path schedule that its fine-tuning then applies.
+    assert p.encoder_cfg["model"]["drop_path_schedule"] == f.encoder_cfg["model"]["drop_path_schedule"] == "linear"
 
 
 @pytest.mark.parametrize("model", MODELS)

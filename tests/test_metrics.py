@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -109,3 +111,16 @@ def test_resume_drops_the_crashed_runs_later_steps(tmp_path):
 def test_read_metrics_missing_file(tmp_path):
     with pytest.raises(ConfigError, match=r"no metrics file .*metrics.jsonl: pass the run dir"):
         read_metrics(tmp_path / "nope")
+
+
+def test_without_the_tensorboard_package_metrics_go_to_jsonl_only(tmp_path):
+    """A bare JAX host may lack tensorboard: the writer logs the JSON lines and says it writes no event files."""
+    code = ("import sys; sys.modules['tensorboard'] = None\n"
+            "import logging; logging.basicConfig(level=logging.INFO)\n"
+            "from sslvit.metrics import MetricWriter\n"
+            f"w = MetricWriter({str(tmp_path)!r}); w.write(3, {{'loss': 1.5}}); w.close()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tensorboard package is not installed" in proc.stderr
+    assert read_metrics(tmp_path) == [{"step": 3, "loss": 1.5}]
+    assert not (tmp_path / "tb").exists()

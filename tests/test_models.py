@@ -36,12 +36,16 @@ def _gelu(x):
     return 0.5 * x * (1 + erf(x / np.sqrt(2)))
 
 
-def reference_forward(p, img, patch, heads, masks=None, keep=1.0):
+def reference_forward(p, img, patch, heads, masks=None, keep=1.0, path_scales=None):
     """A plain ViT written from the parameters with numpy, one branch after another (float64).
 
     `masks`: training-mode dropout, per layer in order: the attention branches' output mask (B, N, P, D), the MLP's
-    hidden mask (B, N, P, M) and the MLP branches' output mask (B, N, P, D); kept values are scaled by 1/keep."""
+    hidden mask (B, N, P, M) and the MLP branches' output mask (B, N, P, D); kept values are scaled by 1/keep.
+    `path_scales`: drop path, per layer in order: the attention branches' and the MLP branches' per-sample scales
+    (P, B), each branch's output multiplied by its own."""
     masks = iter(masks or ())
+    scales = iter(path_scales or ())
+    path = (lambda: next(scales)) if path_scales else (lambda: None)
     drop = (lambda: next(masks) / keep) if keep < 1.0 else (lambda: None)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
     img = np.asarray(img, np.float64)
@@ -57,7 +61,7 @@ def reference_forward(p, img, patch, heads, masks=None, keep=1.0):
     depth, branches = A["qkv_kernel"].shape[0], A["qkv_kernel"].shape[2]  # (depth, D, P, 3, H, E)
     for l in range(depth):
         upd = 0
-        attn_mask = drop()
+        attn_mask, attn_path = drop(), path()
         for br in range(branches):
             xn = _ln(x, A["norm_scale"][l, br], A["norm_bias"][l, br])
             qkv = np.einsum("bnd,dthe->bnthe", xn, A["qkv_kernel"][l, :, br]) + A["qkv_bias"][l, br]
@@ -72,10 +76,12 @@ def reference_forward(p, img, patch, heads, masks=None, keep=1.0):
                 o = o * A["layer_scale"][l, br]
             if attn_mask is not None:
                 o = o * attn_mask[:, :, br]
+            if attn_path is not None:
+                o = o * attn_path[br][:, None, None]
             upd = upd + o
         x = x + upd
         upd = 0
-        hidden_mask, mlp_mask = drop(), drop()
+        hidden_mask, mlp_mask, mlp_path = drop(), drop(), path()
         for br in range(branches):
             xn = _ln(x, M["norm_scale"][l, br], M["norm_bias"][l, br])
             hdn = _gelu(xn @ M["fc1_kernel"][l, :, br] + M["fc1_bias"][l, br])
@@ -86,6 +92,8 @@ def reference_forward(p, img, patch, heads, masks=None, keep=1.0):
                 o = o * M["layer_scale"][l, br]
             if mlp_mask is not None:
                 o = o * mlp_mask[:, :, br]
+            if mlp_path is not None:
+                o = o * mlp_path[br][:, None, None]
             upd = upd + o
         x = x + upd
         layers_out.append(x)
@@ -167,6 +175,54 @@ def test_dropout_in_train_mode_matches_unfused_reference_per_branch(branches):
     ref_logits, ref_layers = reference_forward(params, img, patch=4, heads=4, masks=masks, keep=0.7)
     np.testing.assert_allclose(np.asarray(feats["layers"]), ref_layers, rtol=2e-4, atol=2e-4)
     np.testing.assert_allclose(np.asarray(logits), ref_logits, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_drop_path_schedule_in_train_mode_matches_unfused_reference(schedule):
+    """Drop path per branch and per sample, at each layer's rate: `constant` drops every layer at `drop_path`,
+    `linear` (BEiT) layer i of L at i/(L-1)·drop_path. The rate shows in the kept samples' scale 1/(1 - rate); the
+    fused model in training mode equals the per-branch reference given the scales it drew."""
+    import flax.linen as nn  # noqa: PLC0415
+
+    from sslvit.models.vit import DropPath, drop_path_rates  # noqa: PLC0415
+
+    depth, rate, batch = 3, 0.4, 16
+    model = tiny(depth=depth, num_parallel_branches=2, layer_scale_init=0.1, drop_path=rate,
+                 drop_path_schedule=schedule)
+    img = images(batch)
+    rng = np.random.default_rng(5)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), img)["params"]
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: np.float32("scale" in str(path[-1])) + 0.3 * rng.normal(size=x.shape).astype(np.float32),
+        shapes)
+    scales = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if isinstance(context.module, DropPath):
+            jax.debug.callback(lambda y: scales.append(np.asarray(y)), out, ordered=True)
+        return out
+
+    with nn.intercept_methods(interceptor):
+        logits, feats = model.apply({"params": params}, img, train=True, return_features=True,
+                                    rngs={"dropout": jax.random.PRNGKey(3)})
+    jax.effects_barrier()
+    expected = drop_path_rates(rate, depth, schedule)
+    np.testing.assert_allclose(expected, [rate] * 3 if schedule == "constant" else [0.0, 0.2, 0.4], rtol=1e-6)
+    assert len(scales) == 2 * depth and all(s.shape == (2, batch) for s in scales)
+    for layer, want in enumerate(expected):
+        for s in scales[2 * layer:2 * layer + 2]:  # attention, then MLP branches
+            kept = s[s > 0]
+            np.testing.assert_allclose(kept, 1.0 / (1.0 - want), rtol=1e-6)
+            assert (s > 0).all() if want == 0 else (s == 0).any()
+    per_layer = [(scales[2 * i], scales[2 * i + 1]) for i in range(depth)]
+    ref_logits, ref_layers = reference_forward(params, img, patch=4, heads=4,
+                                               path_scales=[s for pair in per_layer for s in pair])
+    np.testing.assert_allclose(np.asarray(feats["layers"]), ref_layers, rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(logits), ref_logits, rtol=2e-4, atol=2e-4)
+    # Evaluation applies no drop path, whatever the schedule.
+    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, img)),
+                               reference_forward(params, img, patch=4, heads=4)[0], rtol=2e-4, atol=2e-4)
 
 
 def test_parallel_and_sequential_vit_s_have_equal_parameter_counts():

@@ -69,9 +69,15 @@ def _kill_when_step_logged(run_dir, step: int, timeout: float = 300):
 
 
 @requires_cifar10
-def test_sigterm_saves_and_resume_matches_uninterrupted_run_bitwise(tmp_path):
+@pytest.mark.parametrize("source", ["tfds", "arrays"])
+def test_sigterm_saves_and_resume_matches_uninterrupted_run_bitwise(tmp_path, source, request):
+    """Also on the device path (data.source=arrays: index batches, images made inside the step from its key), with
+    a per-layer drop-path schedule: every random draw follows from (seed, step)."""
     overrides = TINY + ["steps=16", "log_every=2", "ckpt_every=100", "eval_batches=0", "model.drop_path=0.2",
                         "batch_size=32"]
+    if source == "arrays":
+        overrides += ["data=cifar10_arrays", f"data.path={request.getfixturevalue('cifar10_arrays')}",
+                      "model.drop_path_schedule=linear", "target.num_samples=5000"]
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     pretrain(compose("pretrain", overrides), full_dir)
 

@@ -21,6 +21,7 @@ ATTENTION = ("auto", "explicit", "xla", "cudnn")  # the attention kernel: sslvit
 # What the backward pass keeps under remat (jax.checkpoint_policies names): nothing, the matmul outputs without batch
 # dims (the projections), or all matmul outputs (also the attention logits).
 REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable")
+DROP_PATH_SCHEDULES = ("constant", "linear")  # per-layer drop-path rates (sslvit/models/vit.py: drop_path_rates)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ON_CORRUPT = ("error", "skip")
@@ -49,6 +50,8 @@ class ModelConfig(Group):
     dropout: float = key(Number(ge=0, lt=1), 0.0)
     emb_dropout: float = key(Number(ge=0, lt=1), 0.0)
     drop_path: float = key(Number(ge=0, lt=1), 0.0)
+    drop_path_schedule: str = key(Choice(DROP_PATH_SCHEDULES), "constant",
+                                  hint="(linear: layer i of L drops i/(L-1)·drop_path, as BEiT)")
     layer_scale_init: float | None = key(Optional(Number(gt=0), "null (no LayerScale)"), None)
     dtype: str = key(Choice(DTYPES), "float32", hint="(the activations; parameters stay float32)")
     remat: bool = key(Boolean(), False)
@@ -275,5 +278,6 @@ class MonitorOptions(Group):
     temperature: float = key(Number(gt=0, lt=1000), 0.07, hint="e.g. 0.07")
 
 
-__all__ = ["DTYPES", "DataConfig", "DistributedConfig", "FinetuneOptions", "KnnOptions", "LoopConfig", "ModelConfig",
-           "MonitorOptions", "OptimConfig", "POOLS", "POS_EMBEDDINGS", "ProbeOptions", "check_crop_scale"]
+__all__ = ["DROP_PATH_SCHEDULES", "DTYPES", "DataConfig", "DistributedConfig", "FinetuneOptions", "KnnOptions",
+           "LoopConfig", "ModelConfig", "MonitorOptions", "OptimConfig", "POOLS", "POS_EMBEDDINGS", "ProbeOptions",
+           "check_crop_scale"]

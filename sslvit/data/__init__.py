@@ -2,13 +2,17 @@
 
 - `config.py`: the `data` config group (`DataConfig`) and `DatasetInfo`;
 - `sources.py`: the source registry (`SOURCES`, selected by `data.source`) and `dataset_info`; sources in
-  `tfds.py` (tensorflow-datasets by name) and `folder.py` (image folders);
+  `tfds.py` (tensorflow-datasets by name), `folder.py` (image folders) and `arrays.py` (`.npz` arrays in memory);
 - `transforms.py`: TensorFlow image transforms (random-resized crop, flip, centre crop, normalisation);
-- `iterators.py`: deterministic, resumable, per-process training batches and padded evaluation passes.
+- `iterators.py`: deterministic, resumable, per-process training batches and padded evaluation passes (tf.data);
+- `ondevice.py`: the same transforms in JAX, and `DeviceData`, a training split kept on the accelerator and
+  augmented inside the train step (the arrays source's training path);
+- `materialize.py`: `python -m sslvit.data.materialize <tfds name> <dir>` writes a dataset as arrays.
 
 Importing the package (or its config and sources) does not import TensorFlow: the tf.data modules load when
 an iterator or a transform is first used (`make_train_iterator`, `make_eval_iterator`, ...), and then keep
-TensorFlow quiet and off every GPU (sslvit/data/_tf.py).
+TensorFlow quiet and off every GPU (sslvit/data/_tf.py). The arrays source never imports it: its iterators are
+numpy and JAX, so pretraining, probe and fine-tuning run where only the JAX stack is installed.
 """
 
 from __future__ import annotations
@@ -16,20 +20,38 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from sslvit.data import arrays as _arrays  # noqa: F401  (registers the arrays source)
 from sslvit.data import folder as _folder  # noqa: F401  (registers the folder source)
 from sslvit.data import tfds as _tfds  # noqa: F401  (registers the tfds source)
 from sslvit.data.config import (ASPECT_RATIO_RANGE, IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ON_CORRUPT,
                                 DataConfig, DatasetInfo, check_crop_scale)
+from sslvit.data.arrays import ArraysSource
 from sslvit.data.folder import FolderSource
 from sslvit.data.sources import SOURCES, Source, create_source, dataset_info
 from sslvit.data.tfds import TfdsSource, network_problem
 
-# TensorFlow-backed names, loaded on first use (PEP 562): `sslvit.data.make_train_iterator` imports tf.data then.
+# TensorFlow-backed names, loaded on first use (PEP 562): `sslvit.data.TrainIterator` imports tf.data then.
 _LAZY = {
-    "make_train_iterator": "iterators", "make_eval_iterator": "iterators", "TrainIterator": "iterators",
-    "EvalIterator": "iterators", "augment_batch": "transforms", "augment_example": "transforms",
-    "center_crop_resize": "transforms", "rrc_windows": "transforms",
+    "TrainIterator": "iterators", "EvalIterator": "iterators", "augment_batch": "transforms",
+    "augment_example": "transforms", "center_crop_resize": "transforms", "rrc_windows": "transforms",
 }
+
+
+def _iterators(cfg: Any):
+    """The module that makes batches for the config's source (tf.data unless the source brings its own)."""
+    return importlib.import_module(SOURCES.get(DataConfig.from_cfg(cfg).source_name).iterators)
+
+
+def make_train_iterator(cfg: Any, **kwargs: Any):
+    """Endless, deterministic, resumable training batches of this process's shard of `data.train_split`
+    (sslvit/data/iterators.py; for the arrays source sslvit/data/arrays.py, without TensorFlow)."""
+    return _iterators(cfg).make_train_iterator(cfg, **kwargs)
+
+
+def make_eval_iterator(cfg: Any, split: str | None = None, **kwargs: Any):
+    """One padded pass over this process's shard of `split` (default data.test_split), no augmentation
+    (sslvit/data/iterators.py; for the arrays source sslvit/data/arrays.py, without TensorFlow)."""
+    return _iterators(cfg).make_eval_iterator(cfg, split, **kwargs)
 
 
 def __getattr__(name: str) -> Any:
@@ -39,8 +61,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "ASPECT_RATIO_RANGE", "DataConfig", "DatasetInfo", "EvalIterator", "FolderSource", "IMAGENET_MEAN", "IMAGENET_STD",
-    "IMAGE_EXTENSIONS", "ON_CORRUPT", "SOURCES", "Source", "TfdsSource", "TrainIterator", "augment_batch",
+    "ASPECT_RATIO_RANGE", "ArraysSource", "DataConfig", "DatasetInfo", "EvalIterator", "FolderSource",
+    "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "ON_CORRUPT", "SOURCES", "Source", "TfdsSource", "TrainIterator", "augment_batch",
     "augment_example", "center_crop_resize", "check_crop_scale", "create_source", "dataset_info",
     "make_eval_iterator", "make_train_iterator", "network_problem", "rrc_windows",
 ]

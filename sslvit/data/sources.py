@@ -3,12 +3,16 @@
 - `tfds`: tensorflow-datasets by `data.name` (`cifar10`, `imagenet2012`, ...), read from `data.data_dir`, else
   `$TFDS_DATA_DIR`, else `~/tensorflow_datasets` (sslvit/data/tfds.py);
 - `folder`: the user's own images, `data.path/train/<class>/**/*.{jpg,jpeg,png}` and `.../test/<class>/...`,
-  labels from the sorted class directory names of the train split (sslvit/data/folder.py).
+  labels from the sorted class directory names of the train split (sslvit/data/folder.py);
+- `arrays`: a small dataset in memory, `data.path/<split>.npz` (uint8 images, integer labels), read without
+  TensorFlow; the training stages keep it on the accelerator and augment it there (sslvit/data/arrays.py).
 
 A new source is one `Source` subclass registered with `@SOURCES.register("<name>")` and one `conf/data/*.yaml`.
 A source describes a dataset (`info`, read from metadata without a pass over the data) and yields the examples of a
 process's shard of a split as a tf.data pipeline of `{'image': encoded bytes or uint8 (H, W, 3), 'label': int32}`;
-sslvit/data/iterators.py turns that into training and evaluation batches.
+sslvit/data/iterators.py turns that into training and evaluation batches. A source may bring its own iterators
+instead (`iterators`: the module whose `make_train_iterator` / `make_eval_iterator` serve it; the arrays source's
+are numpy and JAX).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class Source:
 
     info: DatasetInfo
     fixed_shape: tuple[int, int, int] | None  # every image has this decoded shape: enables batched augmentation
+    iterators: str = "sslvit.data.iterators"  # the module making this source's batches (tf.data by default)
 
     def __init__(self, dc: DataConfig):
         self.dc = dc

@@ -69,13 +69,32 @@ def _normalize(x):
     return (x - mean) * jax.lax.rsqrt(var + LN_EPS)
 
 
-def _drop_path_scale(module: nn.Module, rate: float, branches: int, batch: int, train: bool):
-    """Per-branch, per-sample stochastic-depth scale (P, B) in {0, 1/keep}; None when inactive."""
-    if not train or rate == 0.0:
+class DropPath(nn.Module):
+    """Per-branch, per-sample stochastic-depth scale (P, B) in {0, 1/keep} (rng stream 'dropout'). `rate` is a float,
+    or the layer's rate as a traced scalar under a per-layer schedule (`drop_path_schedule`)."""
+
+    @nn.compact
+    def __call__(self, rate, branches: int, batch: int):
+        keep = 1.0 - rate
+        kept = jax.random.bernoulli(self.make_rng("dropout"), keep, (branches, batch))
+        return kept.astype(jnp.float32) / keep
+
+
+def _drop_path_scale(module: nn.Module, rate, branches: int, batch: int, train: bool):
+    """The drop-path scale of a module's branches (a `DropPath` submodule of the calling module); None when
+    inactive. Called from a module's compact __call__."""
+    del module  # the submodule attaches to the module whose __call__ is running
+    if not train or (not isinstance(rate, jax.Array) and rate == 0.0):
         return None
-    keep = 1.0 - rate
-    kept = jax.random.bernoulli(module.make_rng("dropout"), keep, (branches, batch))
-    return kept.astype(jnp.float32) / keep
+    return DropPath(name="drop_path")(rate, branches, batch)
+
+
+def drop_path_rates(drop_path: float, depth: int, schedule: str = "constant") -> np.ndarray:
+    """Each layer's drop-path rate: `constant` (the official 3-things code) or BEiT's `linear` rule, layer i of L
+    (0-based) dropping i/(L-1)·drop_path: none in the first layer, `drop_path` in the last."""
+    if schedule == "linear":
+        return np.linspace(0.0, drop_path, depth, dtype=np.float32)
+    return np.full(depth, drop_path, np.float32)
 
 
 def _dropped_branch_sum(rate: float, x, w, bias, scale):
@@ -182,7 +201,8 @@ class ParallelAttention(nn.Module):
     attention: str = "auto"  # see the module doc
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, drop_path=None):
+        """`drop_path`: this layer's rate under a per-layer schedule (traced); None: the module's `drop_path`."""
         P, H, E, D = self.branches, self.heads, self.dim_head, self.dim
         b, n, _ = x.shape
         norm_scale = self.param("norm_scale", nn.initializers.ones, (P, D))
@@ -215,7 +235,7 @@ class ParallelAttention(nn.Module):
             w_out = (out_kernel * gamma[:, None, None, :]).astype(self.dtype)
             bias = gamma * out_bias  # (P, D)
         with jax.named_scope("drop_path"):
-            scale = _drop_path_scale(self, self.drop_path, P, b, train)
+            scale = _drop_path_scale(self, self.drop_path if drop_path is None else drop_path, P, b, train)
         if train and self.dropout > 0:
             return _dropped_branch_sum(self.dropout, out, w_out, bias, scale)
         if scale is None:
@@ -238,7 +258,8 @@ class ParallelMLP(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, drop_path=None):
+        """`drop_path`: this layer's rate under a per-layer schedule (traced); None: the module's `drop_path`."""
         P, M, D = self.branches, self.mlp_dim, self.dim
         b = x.shape[0]
         norm_scale = self.param("norm_scale", nn.initializers.ones, (P, D))
@@ -266,7 +287,7 @@ class ParallelMLP(nn.Module):
             w2 = (fc2_kernel * gamma[:, None, :]).astype(self.dtype)
             bias = gamma * fc2_bias
         with jax.named_scope("drop_path"):
-            scale = _drop_path_scale(self, self.drop_path, P, b, train)
+            scale = _drop_path_scale(self, self.drop_path if drop_path is None else drop_path, P, b, train)
         if train and self.dropout > 0:
             return _dropped_branch_sum(self.dropout, h, w2, bias, scale)
         if scale is None:
@@ -294,18 +315,19 @@ class ParallelLayer(nn.Module):
     attention: str = "auto"
 
     @nn.compact
-    def __call__(self, x, _):
+    def __call__(self, x, rate):
         # The residual stream stays float32; only matmul inputs use `dtype`.
         # Dropout acts inside each branch (ParallelAttention/ParallelMLP), not on the summed update.
+        # `rate`: this layer's drop-path rate under a per-layer schedule (the scan's input), else None.
         update = ParallelAttention(
             self.dim, self.heads, self.dim_head, self.branches, self.drop_path, self.layer_scale_init,
             dtype=self.dtype, dropout=self.dropout, attention=self.attention, name="attn",
-        )(x, self.train)
+        )(x, self.train, rate)
         x = x + update.astype(jnp.float32)
         update = ParallelMLP(
             self.dim, self.mlp_dim, self.branches, self.dropout, self.drop_path, self.layer_scale_init,
             dtype=self.dtype, name="mlp",
-        )(x, self.train)
+        )(x, self.train, rate)
         x = x + update.astype(jnp.float32)
         return x, (x if self.return_features else None)
 
@@ -349,7 +371,8 @@ class ViT(nn.Module):
     """Parallel Vision Transformer with a pluggable patch stem (Flax linen). Input NHWC images.
 
     Arguments follow lucidrains' vit-pytorch (`image_size, patch_size, num_classes, dim, depth, heads, mlp_dim,
-    pool, channels, dim_head, dropout, emb_dropout`) plus `num_parallel_branches`, `drop_path`,
+    pool, channels, dim_head, dropout, emb_dropout`) plus `num_parallel_branches`, `drop_path` (and its per-layer
+    `drop_path_schedule`: `constant`, or BEiT's `linear` from 0 in the first layer to `drop_path` in the last),
     `layer_scale_init`, `stem`/`stem_norm`, `use_mask_token`, `pos_embedding`, `dtype` (activations; parameters
     stay float32), `remat` (with `remat_policy`, what the backward pass keeps), `unroll_layers` (compile the layers
     unrolled instead of as a loop: faster steps, longer compiles; same parameters; ignored with remat) and
@@ -379,6 +402,7 @@ class ViT(nn.Module):
     dropout: float = 0.0
     emb_dropout: float = 0.0
     drop_path: float = 0.0
+    drop_path_schedule: str = "constant"
     layer_scale_init: Optional[float] = None
     stem: str = "linear"
     stem_norm: str = "batch"
@@ -467,7 +491,10 @@ class ViT(nn.Module):
             self.layer_scale_init, self.dtype, train, return_features and collect_layers,
             attention=self.attention, name="layers",
         )
-        x, per_layer = layers(x, None)
+        rates = None  # constant rate: a static attribute of every layer; a schedule: each layer's rate, scanned
+        if train and self.drop_path > 0 and self.drop_path_schedule != "constant":
+            rates = jnp.asarray(drop_path_rates(self.drop_path, self.depth, self.drop_path_schedule))
+        x, per_layer = layers(x, rates)
 
         tokens = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name="norm")(x)
         pre_logits = tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(axis=1)
