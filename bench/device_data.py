@@ -17,10 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
-
-sys.path.insert(0, os.path.dirname(__file__))
 
 from common import PRESETS, device_line, parse_overrides, pretrain_step, timed  # noqa: E402
 

@@ -26,8 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(__file__))
-
 import synthetic_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
