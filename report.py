@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sslvit.errors import ConfigError
 from sslvit.report import make_report
-from sslvit.rundir import check_dir
+from sslvit.paths import check_dir
 
 
 def main(argv=None) -> int:

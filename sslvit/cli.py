@@ -42,6 +42,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from sslvit import rundir, runtime, signals
+from sslvit.paths import check_dir
 from sslvit.errors import ConfigError
 
 # The scripts import this module before JAX: the host allocator setting must precede JAX's threads.
@@ -287,13 +288,13 @@ class RunDirGuard(Callback):
             if expected_process_index(config.get("distributed")) == 0:  # process 0 owns the dir; the others check
                 rundir.RunDir(path, self.stage).claim(resume=resume)  # it once JAX knows them (RunDir.open)
             else:
-                rundir.check_dir(path, "hydra.run.dir")
+                check_dir(path, "hydra.run.dir")
         except ConfigError as e:
             _refuse(e)
 
     def on_multirun_start(self, config, **kwargs) -> None:
         try:
-            rundir.check_dir(_sweep_dir(config.hydra), "hydra.sweep.dir")
+            check_dir(_sweep_dir(config.hydra), "hydra.sweep.dir")
         except ConfigError as e:
             _refuse(e)
 

@@ -25,7 +25,7 @@ from flax import traverse_util
 
 from sslvit.errors import ConfigError
 from sslvit.models.build import ENCODER_GROUPS, encoder_from_meta
-from sslvit.models.vit import resize_pos_embedding
+from sslvit.models.ops import resize_pos_embedding
 from sslvit.rundir import CHECKPOINT_SUBDIR, run_dir_of_checkpoints
 
 # Keys of an encoder description that fix the parameters' shapes (or which parameters exist): a run's saved values

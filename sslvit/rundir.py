@@ -46,6 +46,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from sslvit.errors import ConfigError
+from sslvit.paths import absolute as _key
+from sslvit.paths import atomic_write_text, check_dir
 
 RESULTS_FILE = "results.json"
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -84,10 +86,6 @@ _RECORDS: dict[Path, dict[str, str]] = {}  # files to write into a run dir when 
 _LOG_HANDLERS: "weakref.WeakSet[RunLogHandler]" = weakref.WeakSet()
 
 
-def _key(path: str | os.PathLike) -> Path:
-    return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
-
-
 def may_write(path: str | os.PathLike) -> bool:
     """Whether this process may write into the run dir `path` now: it was new when this run took it, or the run
     has committed (module docstring)."""
@@ -105,59 +103,6 @@ def _is_empty(path: Path) -> bool:
         return all(p.name == LOCK_FILE for p in path.iterdir())
     except FileNotFoundError:
         return True
-
-
-# ------------------------------------------------------------------------------------------------ paths
-def _why_unwritable(path: Path) -> str:
-    try:
-        if os.statvfs(path).f_flag & os.ST_RDONLY:
-            return "it is on a read-only file system"
-    except OSError:
-        pass
-    return "it is not writable (permission denied)"
-
-
-def check_dir(path: str | os.PathLike, key: str) -> Path:
-    """`path` as an absolute dir path that is, or can be created as, a writable directory; one-line ConfigError
-    otherwise (a file, a path under a file, no permission, a read-only file system). Creates nothing."""
-    p = _key(path)
-    if p.exists():
-        if not p.is_dir():
-            raise ConfigError(f"{key}={os.fspath(path)} is a file, not a directory: choose a directory")
-        if not os.access(p, os.W_OK | os.X_OK):
-            raise ConfigError(f"{key}={os.fspath(path)} cannot be written: {_why_unwritable(p)}; choose another "
-                              f"directory")
-        return p
-    parent = p.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"{key}={os.fspath(path)} lies under {parent}, which is a file: choose a path under a "
-                          f"directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}={os.fspath(path)} cannot be created: {parent} {_why_unwritable(parent)[3:]}; "
-                          f"choose another directory")
-    return p
-
-
-def check_file(path: str | os.PathLike, key: str) -> Path:
-    """`path` as a file that can be written (its directory exists or can be created, and it is not a directory);
-    one-line ConfigError otherwise. Creates nothing."""
-    p = _key(path)
-    if p.is_dir():
-        raise ConfigError(f"{key}={os.fspath(path)} is a directory: name a file, e.g. {os.fspath(path)}/grid.png")
-    if p.exists() and not os.access(p, os.W_OK):
-        raise ConfigError(f"{key}={os.fspath(path)} cannot be written: {_why_unwritable(p)}; choose another path")
-    parent = p.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"{key}={os.fspath(path)} lies under {parent}, which is a file: choose a path under a "
-                          f"directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}={os.fspath(path)} cannot be written: {parent} {_why_unwritable(parent)[3:]}; "
-                          f"choose another path")
-    return p
 
 
 def _created(path: Path, key: str) -> None:
@@ -416,17 +361,6 @@ def _holder(lock_file: Path) -> str:
         except PermissionError:
             pass
     return f"pid {pid} on {host}, a {info.get('stage', '?')} run since {info.get('since', '?')}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same directory and an atomic rename; a stop signal
-    waits until the rename is done (no stray temporary file)."""
-    from sslvit.signals import deferred  # noqa: PLC0415
-
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with deferred():
-        tmp.write_text(text)
-        os.replace(tmp, path)
 
 
 def run_dir_of_checkpoints(ckpt_dir: Path) -> Path:

@@ -287,7 +287,8 @@ class TrainingStage(Stage):
     def execute(self) -> dict:
         from sslvit.checkpoint import Checkpointer  # noqa: PLC0415
         from sslvit.metrics import MetricWriter  # noqa: PLC0415
-        from sslvit.train import batch_sharding, fit, make_mesh, memory_report, prefetch_to_device, replicated
+        from sslvit.train import batch_sharding, fit, make_mesh, memory_report  # noqa: PLC0415
+        from sslvit.train import prefetch_to_device, replicated  # noqa: PLC0415
 
         cfg = self.config
         mesh = make_mesh()

@@ -253,7 +253,7 @@ def visualize(cfg: Mapping, out: str | os.PathLike | None = None) -> dict:
     out); returns {'path', 'metric_name', 'metric', 'num_images', 'step', 'size': (height, width)}."""
     from sslvit.config.stages import VisualizeConfig  # noqa: PLC0415
 
-    from sslvit.rundir import check_file  # noqa: PLC0415
+    from sslvit.paths import check_file  # noqa: PLC0415
 
     c = VisualizeConfig.parse(cfg)
     num_images, seed, scale = c.num_images, c.seed, c.scale

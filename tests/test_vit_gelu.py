@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sslvit.models.vit import gelu
+from sslvit.models.ops import gelu
 
 X = np.concatenate([np.linspace(-12, 12, 2001), [-40.0, -8.5, -1e-4, 0.0, 1e-4, 3.3, 40.0]]).astype(np.float32)
 

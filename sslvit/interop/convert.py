@@ -353,7 +353,7 @@ def variables_to_timm(variables: Mapping, model) -> dict[str, np.ndarray]:
     if model.pos_embedding == "learned":
         pos = prm["pos_embedding"]
     else:  # the fixed table, as timm's (learnable) parameter: the same function
-        from sslvit.models.vit import sincos_pos_embedding  # noqa: PLC0415
+        from sslvit.models.ops import sincos_pos_embedding  # noqa: PLC0415
 
         pos = sincos_pos_embedding(a.grid, D)
     out["pos_embed"] = np.concatenate([np.zeros((1, 1, D), np.float32), pos], axis=1)  # a zero class-token slot

@@ -22,7 +22,8 @@ Attention kernel (`attention`). "explicit" writes q·kᵀ, a float32 softmax and
 fastest on CPU); "xla" and "cudnn" call `jax.nn.dot_product_attention` with that implementation ("cudnn": the
 fused flash-attention kernel, which never writes the (heads, tokens, tokens) probabilities to memory). "auto"
 (default) picks cudnn where it applies (a CUDA GPU, bfloat16 or float16, head dim a multiple of 8 up to 128) and
-explicit everywhere else, so CPU runs are unchanged. All compute the same function (tests/test_models.py).
+explicit everywhere else, so CPU runs are unchanged. All compute the same function (tests/test_models.py); the
+kernels, GELU and the position embeddings are plain functions in sslvit/models/ops.py.
 
 Layers run under `nn.scan` (parameters stacked on a leading depth axis): compile time does not grow with depth.
 Named scopes (`fold`, `layernorm`, `attention`, `gelu`, `drop_path`) tag the ops in profiles and HLO dumps
@@ -31,7 +32,7 @@ Named scopes (`fold`, `layernorm`, `attention`, `gelu`, `drop_path`) tag the ops
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -39,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sslvit.errors import ConfigError
+from sslvit.models.ops import contract, gelu, multi_head_attention, pair, resolve_attention, sincos_pos_embedding
 from sslvit.models.stems import get_stem
 
 Dtype = Any
@@ -53,12 +55,6 @@ BRANCH_AXIS = {"qkv_kernel": 1, "fc1_kernel": 1}
 def branch_axis(name: str) -> int:
     """Branch axis of a per-layer parameter named `name` (its last path component), e.g. to take one branch."""
     return BRANCH_AXIS.get(name.rsplit("/", 1)[-1], 0)
-
-
-def _pair(x) -> tuple[int, int]:
-    if isinstance(x, (tuple, list)):
-        return int(x[0]), int(x[1])
-    return int(x), int(x)
 
 
 def _normalize(x):
@@ -113,75 +109,6 @@ def _dropped_branch_sum(rate: float, x, w, bias, scale):
     return nn.Dropout(rate, name="branch_dropout")(y, deterministic=False).sum(axis=2)
 
 
-@jax.custom_vjp
-def gelu(x):
-    """Exact GELU x·Φ(x), the same values as `jax.nn.gelu(x, approximate=False)`.
-
-    Why not that function: differentiated by JAX, its erfc leaves several tensors of the MLP's hidden size per layer
-    for the backward pass (the erfc value, an exp and a quotient), which a scan over layers stores and zero-fills
-    every step. Here the backward pass keeps only x and recomputes Φ(x) and φ(x): the same derivative (to float
-    rounding), a quarter less activation memory and a ~5% faster CPU pretraining step (bench/compile_memory.py)."""
-    return jax.nn.gelu(x, approximate=False)
-
-
-def _gelu_fwd(x):
-    return gelu(x), x
-
-
-def _gelu_bwd(x, g):
-    cdf = 0.5 * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))  # erf: a polynomial, cheaper than erfc
-    pdf = jnp.exp(-0.5 * jnp.square(x)) * np.asarray(1.0 / np.sqrt(2.0 * np.pi), x.dtype)
-    return (g * (cdf + x * pdf),)
-
-
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
-
-
-def _contract(x, w, n: int):
-    """Contract the last `n` axes of `x` with the first `n` of `w`, in memory order: one 2-D matmul.
-
-    (`jnp.einsum` lists a multi-axis contraction in reverse order, e.g. "bnpm,pmd->bnd" as (m, p): with P > 1
-    branches XLA then transposes the activations and the weights before the matmul, every call.)"""
-    k, rest = int(np.prod(w.shape[:n])), w.shape[n:]
-    out = x.reshape(*x.shape[:-n], k) @ w.reshape(k, int(np.prod(rest)))
-    return out.reshape(*x.shape[:-n], *rest)
-
-
-def cudnn_attention_applies(dtype, head_dim: int) -> bool:
-    """Whether cuDNN's fused attention takes these inputs here: a CUDA GPU backend, half-precision q/k/v and a head
-    dim that is a multiple of 8 and at most 128 (the limits `jax.nn.dot_product_attention` checks)."""
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) or head_dim % 8 or head_dim > 128:
-        return False
-    if jax.default_backend() != "gpu":
-        return False
-    return "cuda" in jax.devices()[0].client.platform_version.lower()
-
-
-def resolve_attention(attention: str, dtype, head_dim: int) -> str:
-    """The implementation `attention` means for these inputs on this backend ("auto" -> "cudnn" or "explicit")."""
-    if attention == "auto":
-        return "cudnn" if cudnn_attention_applies(dtype, head_dim) else "explicit"
-    if attention == "cudnn" and not cudnn_attention_applies(dtype, head_dim):
-        raise ConfigError(f"model.attention=cudnn needs a CUDA GPU, model.dtype=bfloat16 and a head dim that is a "
-                          f"multiple of 8 up to 128 (here {jax.default_backend()}, {jnp.dtype(dtype).name}, head dim "
-                          f"{head_dim}): use model.attention=auto")
-    return attention
-
-
-def multi_head_attention(q, k, v, implementation: str):
-    """Multi-head attention of (b, n, heads, e) q, k, v -> (b, n, heads, e), scale e^-0.5, softmax in float32."""
-    if implementation in ("xla", "cudnn"):
-        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
-    e = q.shape[-1]
-    # Softmax in float32 (bf16 logits overflow at high resolution).
-    logits = jnp.einsum("bqhe,bkhe->bhqk", q, k, preferred_element_type=jnp.float32) * (e**-0.5)
-    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-    # probs @ v as a batched matmul in natural order, (b,h,q,k)·(b,h,k,e) -> (b,h,q,e): jnp.einsum
-    # "bhqk,bkhe->bqhe" swaps the operands (vᵀ·probsᵀ, transposed output), ~2.5x slower on CPU.
-    out = jax.lax.dot_general(probs, v, (((3,), (1,)), ((0, 1), (0, 2))))
-    return out.transpose(0, 2, 1, 3)
-
-
 def _trunc_normal(std=0.02):
     return nn.initializers.truncated_normal(std)
 
@@ -222,7 +149,7 @@ class ParallelAttention(nn.Module):
             b_qkv = jnp.einsum("pd,dpthe->pthe", norm_bias, qkv_kernel) + qkv_bias
         with jax.named_scope("layernorm"):
             xhat = _normalize(x).astype(self.dtype)
-        qkv = _contract(xhat, w_qkv.astype(self.dtype), 1) + b_qkv.astype(self.dtype)  # (b, n, P, 3, H, E)
+        qkv = contract(xhat, w_qkv.astype(self.dtype), 1) + b_qkv.astype(self.dtype)  # (b, n, P, 3, H, E)
         q, k, v = (qkv[:, :, :, i].reshape(b, n, P * H, E) for i in range(3))
 
         # One attention over P*H heads.
@@ -239,11 +166,11 @@ class ParallelAttention(nn.Module):
         if train and self.dropout > 0:
             return _dropped_branch_sum(self.dropout, out, w_out, bias, scale)
         if scale is None:
-            return _contract(out, w_out, 3) + bias.sum(0).astype(self.dtype)
+            return contract(out, w_out, 3) + bias.sum(0).astype(self.dtype)
         with jax.named_scope("drop_path"):
             out = out * scale.T[:, None, :, None, None].astype(self.dtype)
             bias = jnp.einsum("pb,pd->bd", scale, bias)[:, None].astype(self.dtype)
-        return _contract(out, w_out, 3) + bias
+        return contract(out, w_out, 3) + bias
 
 
 class ParallelMLP(nn.Module):
@@ -278,7 +205,7 @@ class ParallelMLP(nn.Module):
             b1 = jnp.einsum("pd,dpm->pm", norm_bias, fc1_kernel) + fc1_bias
         with jax.named_scope("layernorm"):
             xhat = _normalize(x).astype(self.dtype)
-        h = _contract(xhat, w1.astype(self.dtype), 1) + b1.astype(self.dtype)  # (b, n, P, M)
+        h = contract(xhat, w1.astype(self.dtype), 1) + b1.astype(self.dtype)  # (b, n, P, M)
         with jax.named_scope("gelu"):
             h = gelu(h)
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
@@ -291,11 +218,11 @@ class ParallelMLP(nn.Module):
         if train and self.dropout > 0:
             return _dropped_branch_sum(self.dropout, h, w2, bias, scale)
         if scale is None:
-            return _contract(h, w2, 2) + bias.sum(0).astype(self.dtype)
+            return contract(h, w2, 2) + bias.sum(0).astype(self.dtype)
         with jax.named_scope("drop_path"):
             h = h * scale.T[:, None, :, None].astype(self.dtype)
             bias = jnp.einsum("pb,pd->bd", scale, bias)[:, None].astype(self.dtype)
-        return _contract(h, w2, 2) + bias
+        return contract(h, w2, 2) + bias
 
 
 class ParallelLayer(nn.Module):
@@ -330,41 +257,6 @@ class ParallelLayer(nn.Module):
         )(x, self.train, rate)
         x = x + update.astype(jnp.float32)
         return x, (x if self.return_features else None)
-
-
-def sincos_pos_embedding(grid_hw: tuple[int, int], dim: int) -> np.ndarray:
-    """Fixed 2-D sin-cos position embedding (MAE), shape (1, gh*gw, dim)."""
-    gh, gw = grid_hw
-    if dim % 4:
-        raise ConfigError(f"dim={dim} must be divisible by 4 for pos_embedding=sincos")
-    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
-    yy, xx = np.meshgrid(np.arange(gh, dtype=np.float64), np.arange(gw, dtype=np.float64), indexing="ij")
-    out = [f(np.outer(c.reshape(-1), omega)) for c in (yy, xx) for f in (np.sin, np.cos)]
-    return np.concatenate(out, axis=1)[None].astype(np.float32)
-
-
-def resize_pos_embedding(posemb, new_grid: Sequence[int], old_grid: Optional[Sequence[int]] = None,
-                         num_extra_tokens: int = 0):
-    """Resize learned position embeddings (1, extra + gh*gw, D) to another grid: bicubic on the 2-D grid, the
-    `num_extra_tokens` leading rows (class token and the like) kept as they are. So a model trained at one
-    resolution loads at another (e.g. 224 -> 384, 32 -> 48)."""
-    posemb = jnp.asarray(posemb)
-    extra, grid = posemb[:, :num_extra_tokens], posemb[:, num_extra_tokens:]
-    n = grid.shape[1]
-    if old_grid is None:
-        side = int(round(np.sqrt(n)))
-        if side * side != n:
-            raise ConfigError(f"cannot infer a square grid from {n} position embeddings: pass old_grid")
-        old_grid = (side, side)
-    gh, gw = _pair(tuple(old_grid))
-    nh, nw = _pair(tuple(new_grid))
-    if gh * gw != n:
-        raise ConfigError(f"old_grid {gh}x{gw} does not match {n} position embeddings")
-    if (gh, gw) == (nh, nw):
-        return posemb
-    d = grid.shape[-1]
-    grid = jax.image.resize(grid.reshape(1, gh, gw, d).astype(jnp.float32), (1, nh, nw, d), method="bicubic")
-    return jnp.concatenate([extra, grid.reshape(1, nh * nw, d).astype(posemb.dtype)], axis=1)
 
 
 class ViT(nn.Module):
@@ -431,7 +323,7 @@ class ViT(nn.Module):
 
     @property
     def grid_size(self) -> tuple[int, int]:
-        ih, iw = _pair(self.image_size)
+        ih, iw = pair(self.image_size)
         return ih // self.patch_size, iw // self.patch_size
 
     @property
@@ -444,7 +336,7 @@ class ViT(nn.Module):
                  collect_layers: bool = True):
         b = img.shape[0]
         dim_head = self.dim_head or self.dim // self.heads
-        ih, iw = _pair(self.image_size)
+        ih, iw = pair(self.image_size)
         if img.shape[1:] != (ih, iw, self.channels):
             raise ConfigError(f"input images have shape {img.shape[1:]}, the model expects {(ih, iw, self.channels)} "
                               f"(NHWC): resize the images or set image_size")

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sslvit.errors import ConfigError
-from sslvit.rundir import check_dir
+from sslvit.paths import check_dir
 from sslvit.report.discovery import RESULTS_FILE, STAGES, Run, StageSpec, describe, find_runs, flatten, load_runs
 from sslvit.report.plots import plot_by_option, plot_loss_curves, plot_vs_mask_ratio
 from sslvit.report.tables import (Table, build_tables, differing_keys, format_value, mean_std, seed_summary,
