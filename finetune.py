@@ -1,10 +1,10 @@
 """Fine-tune a pretrained encoder (or train from scratch) on labelled images. Examples:
 
-    python finetune.py run=outputs/pretrain/<run>                                 # full fine-tuning
-    python finetune.py run=outputs/pretrain/<run> finetune.mode=attn_only         # the paper's finding 2
-    python finetune.py run=outputs/pretrain/<run> finetune.image_size=48          # 32 -> 48 px
-    python finetune.py run=null optim.layer_decay=null                            # from scratch (baseline)
-    python finetune.py run=... resume=true hydra.run.dir=outputs/finetune/<run>
+python finetune.py run=outputs/pretrain/<run>                                 # full fine-tuning
+python finetune.py run=outputs/pretrain/<run> finetune.mode=attn_only         # the paper's finding 2
+python finetune.py run=outputs/pretrain/<run> finetune.image_size=48          # 32 -> 48 px
+python finetune.py run=null optim.layer_decay=null                            # from scratch (baseline)
+python finetune.py run=... resume=true hydra.run.dir=outputs/finetune/<run>
 """
 
 import json

@@ -1,9 +1,9 @@
 """Linear probe (+ k-NN) of a pretrained encoder's frozen features. Examples:
 
-    python linear_probe.py run=outputs/pretrain/<run>
-    python linear_probe.py run=outputs/pretrain/<run> random_init=true          # the untrained baseline
-    python linear_probe.py run=outputs/pretrain/<run> pool=cls layers=[2,4,6]
-    python linear_probe.py run=outputs/pretrain/<run> data=folder data.path=/my/images
+python linear_probe.py run=outputs/pretrain/<run>
+python linear_probe.py run=outputs/pretrain/<run> random_init=true          # the untrained baseline
+python linear_probe.py run=outputs/pretrain/<run> pool=cls layers=[2,4,6]
+python linear_probe.py run=outputs/pretrain/<run> data=folder data.path=/my/images
 """
 
 import json

@@ -1,9 +1,9 @@
 """Masked-patch (BEiT-style) pretraining of a parallel ViT. Examples:
 
-    python pretrain.py                                  # CIFAR-10, tiny 6x2 model, hMLP stem, k-means tokens
-    python pretrain.py stem=hmlp mask_ratio=0.4
-    python pretrain.py -m stem=linear,conv,hmlp mask_ratio=0.4,0.6
-    python pretrain.py resume=true hydra.run.dir=outputs/pretrain/<run>
+python pretrain.py                                  # CIFAR-10, tiny 6x2 model, hMLP stem, k-means tokens
+python pretrain.py stem=hmlp mask_ratio=0.4
+python pretrain.py -m stem=linear,conv,hmlp mask_ratio=0.4,0.6
+python pretrain.py resume=true hydra.run.dir=outputs/pretrain/<run>
 """
 
 import json

@@ -11,16 +11,18 @@ import sys
 from pathlib import Path
 
 from sslvit.errors import ConfigError
-from sslvit.report import make_report
 from sslvit.paths import check_dir
+from sslvit.report import make_report
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="run dirs or sweep dirs (searched recursively for results.json)")
-    parser.add_argument("--out", default=None,
-                        help="where report.md, report.csv and the PNGs go (default: the path given, if one; "
-                             "else ./report)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="where report.md, report.csv and the PNGs go (default: the path given, if one; else ./report)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     first = Path(args.paths[0])

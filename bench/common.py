@@ -18,20 +18,25 @@ from sslvit.runtime import keep_host_memory
 
 HOST_MALLOC = "kept (sslvit/runtime.py)" if keep_host_memory() else "glibc default"  # as the scripts, before JAX
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
 
-from sslvit.flops import train_flops  # noqa: E402
-from sslvit.models.build import build_vit, from_flat  # noqa: E402
+from sslvit.flops import train_flops
+from sslvit.models.build import build_vit, from_flat
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 # Benchmark preset -> conf/model/<name>.yaml. "cifar" is the CIFAR-size preset (32 px, patch 4, dim 192,
 # 6 layers x 2 branches); the ViT-S pair has equal parameters and FLOPs.
-PRESETS = {"cifar": "tiny", "cifar_seq": "tiny_seq", "vit_s18x2": "small", "vit_s36x1": "small_seq",
-           "vit_b18x2": "base"}
+PRESETS = {
+    "cifar": "tiny",
+    "cifar_seq": "tiny_seq",
+    "vit_s18x2": "small",
+    "vit_s36x1": "small_seq",
+    "vit_b18x2": "base",
+}
 OPTIM = dict(lr=1e-3, min_lr=0.0, warmup_steps=10, weight_decay=0.05, clip_grad_norm=3.0, accum_steps=1)
 
 
@@ -60,7 +65,7 @@ def compose(script: str, groups: Mapping[str, Any] = (), **keys: Any) -> DictCon
         if entry == "_self_":
             cfg = OmegaConf.merge(cfg, primary)
             continue
-        (name, option), = dict(entry).items()
+        ((name, option),) = dict(entry).items()
         group = name.removeprefix("optional ").split("@")[0].strip()
         choice = groups.pop(group, option)
         if choice is None or group in ("hydra", "experiment") or group.startswith("override "):
@@ -85,7 +90,7 @@ def model_preset(preset: str | dict, *, stem: str = "hmlp", stem_norm: str = "ba
 
 def parse_overrides(items) -> dict:
     """["unroll_layers=false", "depth=12"] -> {"unroll_layers": False, "depth": 12} (values parsed as YAML)."""
-    import yaml  # noqa: PLC0415  (omegaconf's dependency)
+    import yaml
 
     out = {}
     for item in items or []:
@@ -140,7 +145,14 @@ class Step:
     """A jitted train step, its arguments and its model FLOPs; `compile()` then `run()` (one blocking step)."""
 
     def __init__(self, step, state, batch, consts, flops: float, model):
-        self.step, self.state, self.batch, self.consts, self.flops, self.model = step, state, batch, consts, flops, model
+        self.step, self.state, self.batch, self.consts, self.flops, self.model = (
+            step,
+            state,
+            batch,
+            consts,
+            flops,
+            model,
+        )
         self.compiled, self.compile_s = None, None
 
     def compile(self):
@@ -157,22 +169,39 @@ class Step:
         return metrics
 
 
-def pretrain_step(preset: str | dict, batch: int, *, dtype: str = "float32", accum_steps: int = 1, vocab: int = 512,
-                  stem: str = "hmlp", device_data=None, **model_overrides) -> Step:
+def pretrain_step(
+    preset: str | dict,
+    batch: int,
+    *,
+    dtype: str = "float32",
+    accum_steps: int = 1,
+    vocab: int = 512,
+    stem: str = "hmlp",
+    device_data=None,
+    **model_overrides,
+) -> Step:
     """The pretraining stage's own step (`Pretraining.build`): block masking at 0.4, the k-means target (a random
     `vocab`-code codebook; tokens assigned on device in the step), AdamW, donated state; hMLP stem by default.
     `device_data` (sslvit.data.ondevice.DeviceData): the in-memory path, as the stage builds it for
     data.source=arrays: the batch is example indices, the images are gathered and augmented inside the step."""
-    from sslvit.pretraining import Pretraining  # noqa: PLC0415
-    from sslvit.train import make_mesh  # noqa: PLC0415
+    from sslvit.pretraining import Pretraining
+    from sslvit.train import make_mesh
 
     enc = from_flat(model_preset(preset, stem=stem, dtype=dtype, **model_overrides))
-    cfg = compose("pretrain", {"model": enc["model"], "stem": enc["stem"]}, batch_size=batch, mask_ratio=0.4,
-                  optim=dict(OPTIM, accum_steps=accum_steps), **{"target.vocab_size": vocab})
+    cfg = compose(
+        "pretrain",
+        {"model": enc["model"], "stem": enc["stem"]},
+        batch_size=batch,
+        mask_ratio=0.4,
+        optim=dict(OPTIM, accum_steps=accum_steps),
+        **{"target.vocab_size": vocab},
+    )
     stage = Pretraining(cfg, None)
     stage.device_data = device_data
-    consts = {"codebook": jax.random.normal(jax.random.key(1), (vocab, stage.target.patch_dim)),
-              "counts": jnp.ones((vocab,), jnp.int32)}
+    consts = {
+        "codebook": jax.random.normal(jax.random.key(1), (vocab, stage.target.patch_dim)),
+        "counts": jnp.ones((vocab,), jnp.int32),
+    }
     state, step = stage.build(make_mesh(), 1000)
     size = stage.image_size
     images = jax.random.normal(jax.random.key(0), (batch, size, size, stage.encoder.channels))
@@ -187,17 +216,23 @@ def pretrain_step(preset: str | dict, batch: int, *, dtype: str = "float32", acc
     return Step(step, state, inputs, consts, flops, e)
 
 
-def finetune_step(preset: str | dict, batch: int, *, dtype: str = "float32", mode: str = "full",
-                  **model_overrides) -> Step:
+def finetune_step(
+    preset: str | dict, batch: int, *, dtype: str = "float32", mode: str = "full", **model_overrides
+) -> Step:
     """The fine-tuning stage's own step (`Finetuning.build`, from scratch): 10 classes, layer decay 0.65, label
     smoothing, `mode` freezes the rest; the model's drop_path (default the preset's) as finetune.drop_path."""
-    from sslvit.finetune import Finetuning  # noqa: PLC0415
-    from sslvit.train import make_mesh  # noqa: PLC0415
+    from sslvit.finetune import Finetuning
+    from sslvit.train import make_mesh
 
     enc = from_flat(model_preset(preset, stem="linear", dtype=dtype, **model_overrides))
-    cfg = compose("finetune", {"model": enc["model"], "stem": enc["stem"], "finetune/mode": mode}, run=None,
-                  batch_size=batch, optim=dict(OPTIM, layer_decay=0.65),
-                  **{"finetune.drop_path": enc["model"].get("drop_path", 0.0)})
+    cfg = compose(
+        "finetune",
+        {"model": enc["model"], "stem": enc["stem"], "finetune/mode": mode},
+        run=None,
+        batch_size=batch,
+        optim=dict(OPTIM, layer_decay=0.65),
+        **{"finetune.drop_path": enc["model"].get("drop_path", 0.0)},
+    )
     stage = Finetuning(cfg, None)
     state, step = stage.build(make_mesh(), 1000)
     size = stage.image_size
@@ -210,7 +245,7 @@ def finetune_step(preset: str | dict, batch: int, *, dtype: str = "float32", mod
 def inference_forward(preset: str | dict, batch: int, *, dtype: str = "float32", **model_overrides):
     """A blocking call of the compiled inference forward pass (1000 classes, linear stem, random weights), its
     model FLOPs and compile seconds; warmed up once."""
-    from sslvit.flops import forward_flops  # noqa: PLC0415
+    from sslvit.flops import forward_flops
 
     model = build_vit(from_flat(model_preset(preset, stem="linear", dtype=dtype, **model_overrides)), num_classes=1000)
     size = model.grid_size[0] * model.patch_size
@@ -224,5 +259,7 @@ def inference_forward(preset: str | dict, batch: int, *, dtype: str = "float32",
 
 
 def device_line() -> str:
-    return (f"device: {jax.devices()[0].device_kind} x {jax.device_count()} ({jax.default_backend()}), "
-            f"{os.cpu_count()} CPU cores, jax {jax.__version__}, host malloc {HOST_MALLOC}")
+    return (
+        f"device: {jax.devices()[0].device_kind} x {jax.device_count()} ({jax.default_backend()}), "
+        f"{os.cpu_count()} CPU cores, jax {jax.__version__}, host malloc {HOST_MALLOC}"
+    )

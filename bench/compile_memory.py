@@ -1,6 +1,7 @@
-"""Compile time vs depth (scan over layers), and what unrolling the layers, remat / gradient accumulation / bfloat16 do to the pretraining
-step: XLA's memory analysis of the compiled step (temporary buffers = activations kept for the backward pass),
-the loss of a few real steps (finite, and close to the float32 / no-remat / one-batch step), and the step time.
+"""Compile time vs depth (scan over layers), and what unrolling the layers, remat / gradient accumulation / bfloat16
+do to the pretraining step: XLA's memory analysis of the compiled step (temporary buffers = activations kept for the
+backward pass), the loss of a few real steps (finite, and close to the float32 / no-remat / one-batch step), and the
+step time.
 
     python bench/compile_memory.py                     # CIFAR-size preset, batch 128 (+ depth 12 vs 36 compile)
     python bench/compile_memory.py --preset vit_s18x2 --batch 16 --no-compile-depth
@@ -13,19 +14,25 @@ from __future__ import annotations
 import argparse
 import time
 
+from common import PRESETS, device_line, pretrain_step
 
-from common import PRESETS, device_line, pretrain_step  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 MiB = 2**20
 
 
-def build(preset, batch: int, *, dtype: str = "float32", remat: bool = False, accum_steps: int = 1,
-          vocab: int = 512, **model_overrides):
+def build(
+    preset,
+    batch: int,
+    *,
+    dtype: str = "float32",
+    remat: bool = False,
+    accum_steps: int = 1,
+    vocab: int = 512,
+    **model_overrides,
+):
     """The jitted pretraining step and its arguments (bench/common.py's pretrain_step)."""
-    s = pretrain_step(preset, batch, dtype=dtype, remat=remat, accum_steps=accum_steps, vocab=vocab,
-                      **model_overrides)
+    s = pretrain_step(preset, batch, dtype=dtype, remat=remat, accum_steps=accum_steps, vocab=vocab, **model_overrides)
     return s.step, s.state, s.batch, s.consts
 
 
@@ -49,8 +56,14 @@ def run_steps(compiled, state, batch, consts, n: int):
 
 
 def variant_rows(preset: str, batch: int, steps: int):
-    variants = [("float32", dict()), ("layers as a loop", dict(unroll_layers=False)), ("remat", dict(remat=True)), ("accum_steps=4", dict(accum_steps=4)),
-                ("bfloat16", dict(dtype="bfloat16")), ("bfloat16 + remat", dict(dtype="bfloat16", remat=True))]
+    variants = [
+        ("float32", dict()),
+        ("layers as a loop", dict(unroll_layers=False)),
+        ("remat", dict(remat=True)),
+        ("accum_steps=4", dict(accum_steps=4)),
+        ("bfloat16", dict(dtype="bfloat16")),
+        ("bfloat16 + remat", dict(dtype="bfloat16", remat=True)),
+    ]
     base = None
     print(f"\npretraining step, preset {preset}, batch {batch}: XLA memory analysis + {steps} steps on one batch")
     print(f"{'variant':>18} | {'temp MiB':>9} | {'args MiB':>8} | {'compile s':>9} | {'step ms':>8} | losses")
@@ -64,9 +77,12 @@ def variant_rows(preset: str, batch: int, steps: int):
             base = (temp, losses)
         ok = all(np.isfinite(losses))
         diff = max(abs(a - b_) for a, b_ in zip(losses, base[1]))
-        print(f"{name:>18} | {temp:9.1f} | {args:8.1f} | {comp_s:9.1f} | {sec * 1e3:8.0f} | "
-              f"{' '.join(f'{x:.4f}' for x in losses)}  (finite: {ok}; max |diff| vs float32 {diff:.1e}; "
-              f"temp x{temp / base[0]:.2f})", flush=True)
+        print(
+            f"{name:>18} | {temp:9.1f} | {args:8.1f} | {comp_s:9.1f} | {sec * 1e3:8.0f} | "
+            f"{' '.join(f'{x:.4f}' for x in losses)}  (finite: {ok}; max |diff| vs float32 {diff:.1e}; "
+            f"temp x{temp / base[0]:.2f})",
+            flush=True,
+        )
 
 
 def compile_depth_rows(depths):
@@ -75,8 +91,11 @@ def compile_depth_rows(depths):
         for p in (1, 2):
             step, state, b, c = build("vit_s18x2", 8, depth=depth, num_parallel_branches=p)
             _, lower_s, comp_s = compile_step(step, state, b, c)
-            print(f"  depth {depth:3d} x {p} branch{'es' if p > 1 else '  '}: trace+lower {lower_s:5.1f}s, "
-                  f"XLA compile {comp_s:5.1f}s", flush=True)
+            print(
+                f"  depth {depth:3d} x {p} branch{'es' if p > 1 else '  '}: trace+lower {lower_s:5.1f}s, "
+                f"XLA compile {comp_s:5.1f}s",
+                flush=True,
+            )
 
 
 def main():

@@ -19,10 +19,10 @@ import json
 import os
 from pathlib import Path
 
-from common import PRESETS, device_line, parse_overrides, pretrain_step, timed  # noqa: E402
+from common import PRESETS, device_line, parse_overrides, pretrain_step, timed
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
 
 def main():
@@ -39,8 +39,8 @@ def main():
     over = parse_overrides(args.model)
     print(device_line() + (f"; model overrides {over}" if over else ""))
 
-    from sslvit.data.arrays import load_npz  # noqa: PLC0415
-    from sslvit.data.ondevice import DeviceData  # noqa: PLC0415
+    from sslvit.data.arrays import load_npz
+    from sslvit.data.ondevice import DeviceData
 
     size = 32 if args.preset.startswith("cifar") else 224
     if args.data:
@@ -49,9 +49,18 @@ def main():
     else:
         images = np.random.default_rng(0).integers(0, 256, (50_000, size, size, 3), dtype=np.uint8)
         what = f"{len(images)} random uint8 images"
-    dd = DeviceData(images, np.zeros(len(images), np.int32), batch_size=args.batch, image_size=size,
-                    crop_scale=(0.2, 1.0), flip=True, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), seed=0,
-                    with_labels=False)
+    dd = DeviceData(
+        images,
+        np.zeros(len(images), np.int32),
+        batch_size=args.batch,
+        image_size=size,
+        crop_scale=(0.2, 1.0),
+        flip=True,
+        mean=(0.49, 0.48, 0.45),
+        std=(0.25, 0.24, 0.26),
+        seed=0,
+        with_labels=False,
+    )
 
     steps = {
         "synthetic": pretrain_step(args.preset, args.batch, dtype=args.dtype, **over),
@@ -79,23 +88,39 @@ def main():
     times: dict[str, list] = {k: [] for k in runs}
     names = list(runs)
     for r in range(args.rounds):
-        for name in names[r % 3:] + names[:r % 3]:  # each variant first, second and last in turn
+        for name in names[r % 3 :] + names[: r % 3]:  # each variant first, second and last in turn
             times[name] += timed(runs[name], args.reps)
         line = ", ".join(f"{k} {1e3 * v[-1][0]:.1f} ms" for k, v in times.items())
         print(f"round {r}: {line}", flush=True)
 
-    out = {"device": device_line(), "preset": args.preset, "batch": args.batch, "dtype": args.dtype, "data": what,
-           "rounds": args.rounds, "reps": args.reps, "load_before": os.getloadavg()[0], "variants": {}}
+    out = {
+        "device": device_line(),
+        "preset": args.preset,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "data": what,
+        "rounds": args.rounds,
+        "reps": args.reps,
+        "load_before": os.getloadavg()[0],
+        "variants": {},
+    }
     base_w = float(np.median([w for w, _ in times["synthetic"]]))
     base_c = float(np.median([c for _, c in times["synthetic"]]))
     for name, t in times.items():
         w, c = float(np.median([w for w, _ in t])), float(np.median([c for _, c in t]))
         best = min(w for w, _ in t)
-        out["variants"][name] = {"median_wall_ms": 1e3 * w, "best_wall_ms": 1e3 * best, "median_cpu_s": c,
-                                 "images_per_sec": args.batch / w, "wall_vs_synthetic": w / base_w,
-                                 "cpu_vs_synthetic": c / base_c if base_c > 0 else None}
-        print(f"{name:>9}: median {1e3 * w:8.1f} ms wall (best {1e3 * best:.1f}), {c:6.2f} CPU-s, "
-              f"{args.batch / w:9.1f} img/s; vs synthetic x{w / base_w:.3f} wall, x{c / base_c:.3f} CPU")
+        out["variants"][name] = {
+            "median_wall_ms": 1e3 * w,
+            "best_wall_ms": 1e3 * best,
+            "median_cpu_s": c,
+            "images_per_sec": args.batch / w,
+            "wall_vs_synthetic": w / base_w,
+            "cpu_vs_synthetic": c / base_c if base_c > 0 else None,
+        }
+        print(
+            f"{name:>9}: median {1e3 * w:8.1f} ms wall (best {1e3 * best:.1f}), {c:6.2f} CPU-s, "
+            f"{args.batch / w:9.1f} img/s; vs synthetic x{w / base_w:.3f} wall, x{c / base_c:.3f} CPU"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

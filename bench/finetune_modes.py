@@ -19,18 +19,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure(mode: str, batch_size: int, steps: int, overrides: list[str]) -> dict:
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-    from hydra import compose, initialize_config_dir  # noqa: PLC0415
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from hydra import compose, initialize_config_dir
 
-    from sslvit.finetune import Finetuning  # noqa: PLC0415
-    from sslvit.stage import count_params  # noqa: PLC0415
-    from sslvit.train import batch_sharding, make_mesh, memory_report  # noqa: PLC0415
+    from sslvit.finetune import Finetuning
+    from sslvit.stage import count_params
+    from sslvit.train import batch_sharding, make_mesh, memory_report
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("finetune", overrides=["run=null", f"finetune.mode={mode}", f"batch_size={batch_size}",
-                                             f"steps={steps + 3}", *overrides])
+        cfg = compose(
+            "finetune",
+            overrides=[
+                "run=null",
+                f"finetune.mode={mode}",
+                f"batch_size={batch_size}",
+                f"steps={steps + 3}",
+                *overrides,
+            ],
+        )
     ft = Finetuning(cfg, None)
     mesh = make_mesh()
     state, train_step = ft.build(mesh, steps + 3)
@@ -40,8 +48,10 @@ def measure(mode: str, batch_size: int, steps: int, overrides: list[str]) -> dic
     mem = memory_report(compiled)
     rng = np.random.default_rng(0)
     s = ft.image_size
-    batch = {"image": jnp.asarray(rng.normal(size=(batch_size, s, s, 3)), jnp.float32),
-             "label": jnp.asarray(rng.integers(0, ft.num_classes, batch_size), jnp.int32)}
+    batch = {
+        "image": jnp.asarray(rng.normal(size=(batch_size, s, s, 3)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, ft.num_classes, batch_size), jnp.int32),
+    }
     batch = jax.device_put(batch, batch_sharding(mesh))
     for _ in range(3):  # warm-up
         state, metrics = compiled(state, batch, None)
@@ -52,11 +62,18 @@ def measure(mode: str, batch_size: int, steps: int, overrides: list[str]) -> dic
         state, metrics = compiled(state, batch, None)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
-    return {"mode": mode, "trainable": count_params(state.params),
-            "total": count_params(state.params) + count_params(state.frozen),
-            "opt_state": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.opt_state)),
-            "peak": mem.get("peak"), "temp": mem.get("temp"), "argument": mem.get("argument"),
-            "step_s": statistics.median(times), "compile_s": compile_s, "encoder": ft.encoder_cfg}
+    return {
+        "mode": mode,
+        "trainable": count_params(state.params),
+        "total": count_params(state.params) + count_params(state.frozen),
+        "opt_state": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.opt_state)),
+        "peak": mem.get("peak"),
+        "temp": mem.get("temp"),
+        "argument": mem.get("argument"),
+        "step_s": statistics.median(times),
+        "compile_s": compile_s,
+        "encoder": ft.encoder_cfg,
+    }
 
 
 def main() -> None:
@@ -66,24 +83,32 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     args, overrides = parser.parse_known_args()
 
-    import jax  # noqa: PLC0415
+    import jax
 
     rows = [measure(m, args.batch_size, args.steps, overrides) for m in args.modes]
     m = rows[0]["model"]
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}); model: "
-          f"{m['image_size']} px, patch {m['patch_size']}, dim {m['dim']}, {m['depth']}x{m['num_parallel_branches']}, "
-          f"stem {m['stem']}, {m['dtype']}; batch {args.batch_size}; median of {args.steps} steps")
+    print(
+        f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}); model: "
+        f"{m['image_size']} px, patch {m['patch_size']}, dim {m['dim']}, {m['depth']}x{m['num_parallel_branches']}, "
+        f"stem {m['stem']}, {m['dtype']}; batch {args.batch_size}; median of {args.steps} steps"
+    )
     mib = lambda b: f"{b / 2**20:9.1f}" if b is not None else "        ?"  # noqa: E731
-    print(f"{'mode':<10} {'trainable':>11} {'of total':>11} {'opt state':>11} {'peak MiB':>9} {'temp MiB':>9} "
-          f"{'step ms':>8} {'compile s':>9}")
+    print(
+        f"{'mode':<10} {'trainable':>11} {'of total':>11} {'opt state':>11} {'peak MiB':>9} {'temp MiB':>9} "
+        f"{'step ms':>8} {'compile s':>9}"
+    )
     for r in rows:
-        print(f"{r['mode']:<10} {r['trainable']:>11,} {r['total']:>11,} {r['opt_state']:>11,} {mib(r['peak'])} "
-              f"{mib(r['temp'])} {1e3 * r['step_s']:8.1f} {r['compile_s']:9.1f}")
+        print(
+            f"{r['mode']:<10} {r['trainable']:>11,} {r['total']:>11,} {r['opt_state']:>11,} {mib(r['peak'])} "
+            f"{mib(r['temp'])} {1e3 * r['step_s']:8.1f} {r['compile_s']:9.1f}"
+        )
     base = rows[0]
     for r in rows[1:]:
         ratio = lambda k: (r[k] / base[k]) if r.get(k) and base.get(k) else float("nan")  # noqa: E731
-        print(f"{r['mode']} / {base['mode']}: trainable params {ratio('trainable'):.3f}, peak memory "
-              f"{ratio('peak'):.3f}, step time {ratio('step_s'):.3f}")
+        print(
+            f"{r['mode']} / {base['mode']}: trainable params {ratio('trainable'):.3f}, peak memory "
+            f"{ratio('peak'):.3f}, step time {ratio('step_s'):.3f}"
+        )
 
 
 if __name__ == "__main__":

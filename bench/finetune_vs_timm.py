@@ -20,10 +20,9 @@ from __future__ import annotations
 import argparse
 import os
 
+from common import PRESETS, device_line, finetune_step, load_model_yaml, timed
 
-from common import device_line, finetune_step, load_model_yaml, PRESETS, timed  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def main():
@@ -37,22 +36,27 @@ def main():
 
     cfg = load_model_yaml(PRESETS[args.preset])
     size = cfg["image_size"]
-    steps = {"ours, preset": finetune_step(args.preset, args.batch),
-             "ours, no regularisers": finetune_step(args.preset, args.batch, drop_path=0.0, layer_scale_init=None)}
+    steps = {
+        "ours, preset": finetune_step(args.preset, args.batch),
+        "ours, no regularisers": finetune_step(args.preset, args.batch, drop_path=0.0, layer_scale_init=None),
+    }
     for s in steps.values():
         s.compile()
     flops = steps["ours, preset"].flops
     if not args.no_timm:
-        import torch  # noqa: PLC0415
-        from torch_peers import TorchStep, timm_vit  # noqa: PLC0415
+        import torch
+        from torch_peers import TorchStep, timm_vit
 
         torch.set_num_threads(os.cpu_count())
         torch.manual_seed(0)
         for name, plain in (("timm plain", True), ("timm, regularised", False)):
-            steps[name] = TorchStep(timm_vit(cfg, 10, plain=plain), args.batch, compile=args.torch_compile,
-                                    image_size=size)
-        print(f"{device_line()}; torch {torch.__version__}, {torch.get_num_threads()} threads"
-              f"{', torch.compile' if args.torch_compile else ', eager'}")
+            steps[name] = TorchStep(
+                timm_vit(cfg, 10, plain=plain), args.batch, compile=args.torch_compile, image_size=size
+            )
+        print(
+            f"{device_line()}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+            f"{', torch.compile' if args.torch_compile else ', eager'}"
+        )
     else:
         print(device_line())
     for s in steps.values():
@@ -65,14 +69,18 @@ def main():
     best = {k: min(w for w, _ in t) for k, t in times.items()}
     cpu = {k: float(np.median([c for _, c in t])) for k, t in times.items()}
     for k in steps:
-        print(f"{k:>22}: {args.batch / best[k]:6.1f} img/s (best {best[k] * 1e3:6.0f} ms wall; median {cpu[k]:.2f} "
-              f"CPU-s = {args.batch / cpu[k]:6.1f} img/CPU-s), {flops / best[k] / 1e9:5.1f} GFLOP/s")
+        print(
+            f"{k:>22}: {args.batch / best[k]:6.1f} img/s (best {best[k] * 1e3:6.0f} ms wall; median {cpu[k]:.2f} "
+            f"CPU-s = {args.batch / cpu[k]:6.1f} img/CPU-s), {flops / best[k] / 1e9:5.1f} GFLOP/s"
+        )
     if "timm plain" in steps:
         r = best["timm plain"] / best["ours, preset"]
         rc = cpu["timm plain"] / cpu["ours, preset"]
         print(f"ours (preset) / timm plain: x{r:.2f} wall, x{rc:.2f} CPU time")
-    print(f"ours preset / ours without regularisers: x{best['ours, no regularisers'] / best['ours, preset']:.2f} wall, "
-          f"x{cpu['ours, no regularisers'] / cpu['ours, preset']:.2f} CPU time")
+    print(
+        f"ours preset / ours without regularisers: x{best['ours, no regularisers'] / best['ours, preset']:.2f} wall, "
+        f"x{cpu['ours, no regularisers'] / cpu['ours, preset']:.2f} CPU time"
+    )
 
 
 if __name__ == "__main__":

@@ -26,17 +26,31 @@ import tempfile
 import time
 from pathlib import Path
 
-import synthetic_folder  # noqa: E402
+import synthetic_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-OVERRIDES = ["data=folder", "steps=1", "log_every=1", "ckpt_every=1", "eval_batches=0", "target=pixel",
-             "batch_size=64", "progress=false"]
+OVERRIDES = [
+    "data=folder",
+    "steps=1",
+    "log_every=1",
+    "ckpt_every=1",
+    "eval_batches=0",
+    "target=pixel",
+    "batch_size=64",
+    "progress=false",
+]
 
 
 def start_once(code: Path, root: Path, run_dir: Path, extra: list[str]) -> dict:
     """One start: seconds to the first metrics row and to exit, the folder source's log lines, results."""
-    cmd = [sys.executable, str(code / "pretrain.py"), *OVERRIDES, f"data.path={root}", f"hydra.run.dir={run_dir}",
-           *extra]
+    cmd = [
+        sys.executable,
+        str(code / "pretrain.py"),
+        *OVERRIDES,
+        f"data.path={root}",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
     env = dict(os.environ, PYTHONPATH=str(code))
     t0 = time.perf_counter()
     c0 = os.times()
@@ -55,9 +69,13 @@ def start_once(code: Path, root: Path, run_dir: Path, extra: list[str]) -> dict:
     log = (run_dir / "pretrain.log").read_text() if (run_dir / "pretrain.log").is_file() else out
     results = json.loads((run_dir / "results.json").read_text())
     folder_lines = [line.split(" - ")[-1] for line in log.splitlines() if re.search(r"folder split|checking \d+", line)]
-    return {"first_step_s": first, "exit_s": total, "cpu_s": (c1.children_user + c1.children_system)
-            - (c0.children_user + c0.children_system), "compile_s": results.get("compile_seconds"),
-            "folder_log": folder_lines}
+    return {
+        "first_step_s": first,
+        "exit_s": total,
+        "cpu_s": (c1.children_user + c1.children_system) - (c0.children_user + c0.children_system),
+        "compile_s": results.get("compile_seconds"),
+        "folder_log": folder_lines,
+    }
 
 
 SCAN = """
@@ -77,9 +95,14 @@ def scan_once(code: Path, root: Path) -> tuple[float, float]:
     """The dataset scan alone (what the stage's `prepare` does: `data.dataset_info`) in a fresh process:
     (seconds, CPU seconds)."""
     c0 = os.times()
-    out = subprocess.run([sys.executable, "-c", SCAN, str(code), str(root)], cwd=code,  # cwd: `-c` imports from it
-                         env=dict(os.environ, PYTHONPATH=str(code)), capture_output=True, text=True,
-                         check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", SCAN, str(code), str(root)],
+        cwd=code,  # cwd: `-c` imports from it
+        env=dict(os.environ, PYTHONPATH=str(code)),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     c1 = os.times()
     return float(out[0]), (c1.children_user + c1.children_system) - (c0.children_user + c0.children_system)
 
@@ -111,15 +134,19 @@ def main():
     if args.scan_only:
         for i in range(args.starts):
             sec, cpu = scan_once(Path(args.code), root)
-            print(f"scan {i + 1} (data.dataset_info, train + test): {sec:.1f}s ({cpu:.1f} CPU-s of the process, "
-                  f"load {os.getloadavg()[0]:.2f})")
+            print(
+                f"scan {i + 1} (data.dataset_info, train + test): {sec:.1f}s ({cpu:.1f} CPU-s of the process, "
+                f"load {os.getloadavg()[0]:.2f})"
+            )
         return
     extra = list(args.override) + ([] if args.no_monitor_key else ["monitor.every=0"])
     with tempfile.TemporaryDirectory(prefix="sslvit_startup_") as tmp:
         for i in range(args.starts):
             r = start_once(Path(args.code), root, Path(tmp) / f"run{i}", extra)
-            print(f"start {i + 1}: first step after {r['first_step_s']:.1f}s (exit {r['exit_s']:.1f}s, "
-                  f"{r['cpu_s']:.1f} CPU-s, step compile {r['compile_s']}s, load {os.getloadavg()[0]:.2f})")
+            print(
+                f"start {i + 1}: first step after {r['first_step_s']:.1f}s (exit {r['exit_s']:.1f}s, "
+                f"{r['cpu_s']:.1f} CPU-s, step compile {r['compile_s']}s, load {os.getloadavg()[0]:.2f})"
+            )
             for line in r["folder_log"]:
                 print(f"    {line}")
 

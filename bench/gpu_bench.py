@@ -25,11 +25,27 @@ import time
 import traceback
 from pathlib import Path
 
-
 TINY = os.environ.get("SSLVIT_BENCH_TINY", "") not in ("", "0")
-TINY_MODEL = dict(image_size=32, patch_size=8, dim=64, depth=2, num_parallel_branches=2, heads=2, dim_head=None,
-                  mlp_dim=128, pool="cls", pos_embedding="learned", drop_path=0.1, layer_scale_init=0.1,
-                  dropout=0.0, emb_dropout=0.0, channels=3, dtype="float32", remat=False, unroll_layers=False)
+TINY_MODEL = dict(
+    image_size=32,
+    patch_size=8,
+    dim=64,
+    depth=2,
+    num_parallel_branches=2,
+    heads=2,
+    dim_head=None,
+    mlp_dim=128,
+    pool="cls",
+    pos_embedding="learned",
+    drop_path=0.1,
+    layer_scale_init=0.1,
+    dropout=0.0,
+    emb_dropout=0.0,
+    channels=3,
+    dtype="float32",
+    remat=False,
+    unroll_layers=False,
+)
 # The issue's settings: ViT-B 18x2 at 224 px (196 patches), 40% block masks, 8192 k-means codes; CIFAR preset with
 # the 512 codes of its recipe.
 VOCAB = {"vit_b18x2": 16 if TINY else 8192, "cifar": 16 if TINY else 512}
@@ -44,7 +60,7 @@ def preset_of(name: str):
 
 
 def model_cfg(name: str) -> dict:
-    from common import PRESETS, load_model_yaml  # noqa: PLC0415
+    from common import PRESETS, load_model_yaml
 
     return dict(TINY_MODEL) if TINY else load_model_yaml(PRESETS[name])
 
@@ -54,8 +70,14 @@ def append(out: Path, row: dict) -> None:
     with open(out / "rows.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
     keys = ("step", "preset", "dtype", "batch", "variant", "images_per_sec", "tflops", "peak_memory_gib", "error")
-    print(" ".join(f"{k}={row[k]:.4g}" if isinstance(row.get(k), float) else f"{k}={row[k]}"
-                   for k in keys if row.get(k) is not None), flush=True)
+    print(
+        " ".join(
+            f"{k}={row[k]:.4g}" if isinstance(row.get(k), float) else f"{k}={row[k]}"
+            for k in keys
+            if row.get(k) is not None
+        ),
+        flush=True,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ JAX
@@ -71,8 +93,13 @@ JAX_ROWS = {
     "vitb_pretrain_bf16_explicit_attention": ("pretrain", "vit_b18x2", "bfloat16", 1, {"attention": "explicit"}),
     "vitb_pretrain_bf16_x2": ("pretrain", "vit_b18x2", "bfloat16", 2, {}),
     "vitb_finetune_attn_bf16": ("finetune_attn_only", "vit_b18x2", "bfloat16", 1, {}),
-    "vitb_pretrain_bf16_x2_remat_dots": ("pretrain", "vit_b18x2", "bfloat16", 2,
-                                         {"remat": True, "remat_policy": "dots_with_no_batch_dims_saveable"}),
+    "vitb_pretrain_bf16_x2_remat_dots": (
+        "pretrain",
+        "vit_b18x2",
+        "bfloat16",
+        2,
+        {"remat": True, "remat_policy": "dots_with_no_batch_dims_saveable"},
+    ),
     "cifar_pretrain_bf16_x0.25": ("pretrain", "cifar", "bfloat16", 0.25, {}),
     "cifar_pretrain_f32": ("pretrain", "cifar", "float32", 1, {}),
     "vitb_pretrain_bf16_unrolled": ("pretrain", "vit_b18x2", "bfloat16", 1, {"unroll_layers": True}),
@@ -81,18 +108,21 @@ FLAG_ROWS = ["cifar_pretrain_bf16", "vitb_pretrain_bf16"]  # what an XLA-flag va
 
 
 def jax_peak(out: Path, variant: str) -> None:
-    import jax.numpy as jnp  # noqa: PLC0415
-    from common import peak_matmul, timeit  # noqa: PLC0415
+    from common import peak_matmul, timeit
+
+    import jax.numpy as jnp
 
     for dtype in ("bfloat16", "float32"):
         fn, flops = peak_matmul(jnp.bfloat16 if dtype == "bfloat16" else jnp.float32, MATMUL_N)
         sec = timeit(fn, min_time=1.0)
-        append(out, dict(step="peak_matmul", impl="jax", dtype=dtype, n=MATMUL_N, variant=variant,
-                         tflops=flops / sec / 1e12))
+        append(
+            out,
+            dict(step="peak_matmul", impl="jax", dtype=dtype, n=MATMUL_N, variant=variant, tflops=flops / sec / 1e12),
+        )
 
 
 def jax_row(out: Path, name: str, variant: str) -> None:
-    from common import device_line, finetune_step, pretrain_step, timeit  # noqa: PLC0415
+    from common import device_line, finetune_step, pretrain_step, timeit
 
     kind, preset, dtype, mult, over = JAX_ROWS[name]
     batch = max(1, int(BATCH[preset] * mult))
@@ -103,9 +133,24 @@ def jax_row(out: Path, name: str, variant: str) -> None:
     compiled = s.compile()
     sec = timeit(s.run, min_time=1.0, min_iters=5, warmup=2)
     mem = peak_memory(compiled)
-    append(out, dict(step=kind, preset=preset, dtype=dtype, batch=batch, variant=variant, row=name,
-                     overrides=over or None, sec_per_step=sec, images_per_sec=batch / sec, flops_per_step=s.flops,
-                     compile_s=s.compile_s, peak_memory_gib=mem / 2**30 if mem else None, device=device_line()))
+    append(
+        out,
+        dict(
+            step=kind,
+            preset=preset,
+            dtype=dtype,
+            batch=batch,
+            variant=variant,
+            row=name,
+            overrides=over or None,
+            sec_per_step=sec,
+            images_per_sec=batch / sec,
+            flops_per_step=s.flops,
+            compile_s=s.compile_s,
+            peak_memory_gib=mem / 2**30 if mem else None,
+            device=device_line(),
+        ),
+    )
 
 
 def peak_memory(compiled) -> int | None:
@@ -113,7 +158,7 @@ def peak_memory(compiled) -> int | None:
     sslvit.finetune.memory_report (not imported: that module pulls in the TensorFlow input pipeline)."""
     try:
         ma = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001  (backends without it)
+    except Exception:
         return None
     if ma is None:
         return None
@@ -132,16 +177,17 @@ def cmd_jax(args) -> None:
             continue
         try:
             jax_row(out, name, args.variant)
-        except Exception as e:  # noqa: BLE001  (one failing row, e.g. out of memory, must not stop the rest)
+        except Exception as e:
             traceback.print_exc()
             append(out, dict(step="failed", row=name, variant=args.variant, error=f"{type(e).__name__}: {e}"[:300]))
 
 
 # ------------------------------------------------------------------------------------------------ torch / timm
 def cmd_torch(args) -> None:
-    import torch  # noqa: PLC0415
-    from common import timeit  # noqa: PLC0415 (no JAX work is done here)
-    from torch_peers import TorchStep, timm_vit, torch_matmul  # noqa: PLC0415
+    from common import timeit
+
+    import torch
+    from torch_peers import TorchStep, timm_vit, torch_matmul
 
     out = Path(args.out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -151,8 +197,17 @@ def cmd_torch(args) -> None:
         if device == "cuda" or TINY:
             fn, flops = torch_matmul(dtype, MATMUL_N, device)
             sec = timeit(fn, min_time=1.0)
-            append(out, dict(step="peak_matmul", impl="torch", dtype=dtype, n=MATMUL_N, tflops=flops / sec / 1e12,
-                             torch=torch.__version__))
+            append(
+                out,
+                dict(
+                    step="peak_matmul",
+                    impl="torch",
+                    dtype=dtype,
+                    n=MATMUL_N,
+                    tflops=flops / sec / 1e12,
+                    torch=torch.__version__,
+                ),
+            )
     deadline = time.monotonic() + args.budget_s if args.budget_s else None
     for preset in ("cifar", "vit_b18x2"):
         if deadline and time.monotonic() > deadline:
@@ -164,16 +219,28 @@ def cmd_torch(args) -> None:
             batch = BATCH[preset]
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            s = TorchStep(model, batch, device=device, dtype="bfloat16", compile=True,
-                          image_size=cfg["image_size"])
+            s = TorchStep(model, batch, device=device, dtype="bfloat16", compile=True, image_size=cfg["image_size"])
             sec = timeit(s.run, min_time=1.0, min_iters=5, warmup=2)
             mem = s.peak_memory()
-            append(out, dict(step="supervised", peer="timm", preset=preset, dtype="bfloat16", batch=batch,
-                             model=TIMM_NAME.get(preset, "VisionTransformer+ParallelThingsBlock"),
-                             sec_per_step=sec, images_per_sec=batch / sec, flops_per_step=batch * _train_flops(cfg),
-                             compile_s=s.compile_s, peak_memory_gib=mem / 2**30 if mem else None,
-                             torch=torch.__version__, settings="torch.compile, bf16 autocast, AdamW"))
-        except Exception as e:  # noqa: BLE001
+            append(
+                out,
+                dict(
+                    step="supervised",
+                    peer="timm",
+                    preset=preset,
+                    dtype="bfloat16",
+                    batch=batch,
+                    model=TIMM_NAME.get(preset, "VisionTransformer+ParallelThingsBlock"),
+                    sec_per_step=sec,
+                    images_per_sec=batch / sec,
+                    flops_per_step=batch * _train_flops(cfg),
+                    compile_s=s.compile_s,
+                    peak_memory_gib=mem / 2**30 if mem else None,
+                    torch=torch.__version__,
+                    settings="torch.compile, bf16 autocast, AdamW",
+                ),
+            )
+        except Exception as e:
             traceback.print_exc()
             append(out, dict(step="failed", preset=preset, peer="timm", error=f"{type(e).__name__}: {e}"[:300]))
 
@@ -181,8 +248,8 @@ def cmd_torch(args) -> None:
 def _train_flops(cfg: dict) -> int:
     """Analytic train FLOPs per image of the classifier with this config's shape (linear stem, 10 classes): the
     work of timm's step, counted as ours."""
-    from sslvit.flops import train_flops  # noqa: PLC0415
-    from sslvit.models.build import build_vit, from_flat  # noqa: PLC0415
+    from sslvit.flops import train_flops
+    from sslvit.models.build import build_vit, from_flat
 
     return train_flops(build_vit(from_flat(dict(cfg, stem="linear", stem_norm="batch")), num_classes=10))
 
@@ -205,10 +272,17 @@ def summarize(rows: list[dict]) -> tuple[list[dict], dict]:
             continue
         peak, impl = peaks.get(r["dtype"], (None, None))
         tflops = r["flops_per_step"] / r["sec_per_step"] / 1e12
-        row = {"step": r["step"], "preset": r["preset"], "dtype": r["dtype"], "batch": r["batch"],
-               "images_per_sec": round(r["images_per_sec"], 1), "mfu": round(tflops / peak, 4) if peak else None,
-               "peak_tflops": float(f"{peak:.4g}") if peak else None, "peak_source": impl,
-               "model_tflops": float(f"{tflops:.4g}")}
+        row = {
+            "step": r["step"],
+            "preset": r["preset"],
+            "dtype": r["dtype"],
+            "batch": r["batch"],
+            "images_per_sec": round(r["images_per_sec"], 1),
+            "mfu": round(tflops / peak, 4) if peak else None,
+            "peak_tflops": float(f"{peak:.4g}") if peak else None,
+            "peak_source": impl,
+            "model_tflops": float(f"{tflops:.4g}"),
+        }
         for k in ("peer", "variant", "overrides", "peak_memory_gib", "compile_s", "model"):
             if r.get(k) is not None:
                 row[k] = round(r[k], 3) if isinstance(r[k], float) else r[k]
@@ -226,47 +300,80 @@ def check_targets(summary: list[dict], peaks: dict) -> dict:
     ours = [r for r in summary if "peer" not in r]
     timm = {r["preset"]: r for r in summary if r.get("peer") == "timm"}
     t = {"peaks_tflops": {k: {"tflops": float(f"{v[0]:.4g}"), "source": v[1]} for k, v in peaks.items()}}
-    for name, preset, goal in (("vit_b18x2_pretrain_bf16_mfu", "vit_b18x2", 0.40), ("cifar_pretrain_bf16_mfu",
-                                                                                      "cifar", 0.30)):
+    for name, preset, goal in (
+        ("vit_b18x2_pretrain_bf16_mfu", "vit_b18x2", 0.40),
+        ("cifar_pretrain_bf16_mfu", "cifar", 0.30),
+    ):
         best = _best(ours, step="pretrain", preset=preset, dtype="bfloat16")
-        t[name] = {"goal": goal, "value": best and best["mfu"], "met": bool(best and best["mfu"] and
-                                                                             best["mfu"] >= goal), "row": best}
+        t[name] = {
+            "goal": goal,
+            "value": best and best["mfu"],
+            "met": bool(best and best["mfu"] and best["mfu"] >= goal),
+            "row": best,
+        }
     for preset in ("vit_b18x2", "cifar"):
         peer = timm.get(preset)
         for step in ("pretrain", "finetune_full"):
-            mine = [r for r in ours if r["step"] == step and r["preset"] == preset and r["dtype"] == "bfloat16"
-                    and peer and r["batch"] == peer["batch"]]
+            mine = [
+                r
+                for r in ours
+                if r["step"] == step
+                and r["preset"] == preset
+                and r["dtype"] == "bfloat16"
+                and peer
+                and r["batch"] == peer["batch"]
+            ]
             best = max(mine, key=lambda r: r["images_per_sec"], default=None)
             ratio = best["images_per_sec"] / peer["images_per_sec"] if best and peer else None
-            t[f"{preset}_{step}_vs_timm"] = {"goal": 1.2, "value": ratio and round(ratio, 3),
-                                             "met": bool(ratio and ratio >= 1.2)}
+            t[f"{preset}_{step}_vs_timm"] = {
+                "goal": 1.2,
+                "value": ratio and round(ratio, 3),
+                "met": bool(ratio and ratio >= 1.2),
+            }
     for preset in ("cifar", "vit_b18x2"):
-        mem = {r["step"]: r.get("peak_memory_gib") for r in ours if r["preset"] == preset and r["dtype"] == "bfloat16"
-               and r["step"].startswith("finetune_") and "variant" in r and r["variant"] == "default"}
+        mem = {
+            r["step"]: r.get("peak_memory_gib")
+            for r in ours
+            if r["preset"] == preset
+            and r["dtype"] == "bfloat16"
+            and r["step"].startswith("finetune_")
+            and "variant" in r
+            and r["variant"] == "default"
+        }
         full, attn = mem.get("finetune_full"), mem.get("finetune_attn_only")
         ratio = attn / full if full and attn else None
-        t[f"{preset}_attn_only_memory"] = {"goal": "<= 0.80 of full", "value": ratio and round(ratio, 3),
-                                           "met": bool(ratio and ratio <= 0.80)}
+        t[f"{preset}_attn_only_memory"] = {
+            "goal": "<= 0.80 of full",
+            "value": ratio and round(ratio, 3),
+            "met": bool(ratio and ratio <= 0.80),
+        }
     return t
 
 
 def table(summary: list[dict], device: str, tiny: bool = False) -> str:
     """The README's GPU table (markdown)."""
-    lines = ["| step | preset | variant | dtype | batch | images/s | MFU | peak memory (GiB) |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| step | preset | variant | dtype | batch | images/s | MFU | peak memory (GiB) |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
     for r in summary:
         step = f"timm {r.get('model', 'supervised')}" if r.get("peer") else r["step"]
         overrides = [f"{k}={v}" for k, v in (r.get("overrides") or {}).items()]
         variant = ", ".join(([r["variant"]] if "variant" in r else []) + overrides)
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
         mem = f"{r['peak_memory_gib']:.3g}" if r.get("peak_memory_gib") is not None else ""
-        lines.append(f"| {step} | {r['preset']} | {variant} | {r['dtype']} | {r['batch']} | "
-                     f"{r['images_per_sec']:,.0f} | {mfu} | {mem} |")
+        lines.append(
+            f"| {step} | {r['preset']} | {variant} | {r['dtype']} | {r['batch']} | "
+            f"{r['images_per_sec']:,.0f} | {mfu} | {mem} |"
+        )
     peaks = sorted({(r["dtype"], r["peak_tflops"], r["peak_source"]) for r in summary if r.get("peak_tflops")})
     lines.append("")
-    lines.append(f"{device}. MFU against the dense matmul peak measured in the same run: "
-                 + "; ".join(f"{d} {p:.3g} TFLOP/s ({s})" for d, p, s in peaks) + "."
-                 + (" TINY SHAPES (SSLVIT_BENCH_TINY): a check of the script, not a measurement." if tiny else ""))
+    lines.append(
+        f"{device}. MFU against the dense matmul peak measured in the same run: "
+        + "; ".join(f"{d} {p:.3g} TFLOP/s ({s})" for d, p, s in peaks)
+        + "."
+        + (" TINY SHAPES (SSLVIT_BENCH_TINY): a check of the script, not a measurement." if tiny else "")
+    )
     return "\n".join(lines)
 
 

@@ -24,8 +24,7 @@ import argparse
 import os
 import time
 
-
-import common  # noqa: E402  (the scripts' host-allocator setting, before JAX)
+import common
 
 # README, Performance, GPU table: the pretraining step of ViT-S 18x2 (conf/model/small.yaml), 224 px, batch 128,
 # bfloat16, hMLP stem, block masks, k-means target of 512 codes, on one H200 (bench/results/h200_2/vits18x2.json).
@@ -33,7 +32,8 @@ ANCHOR = {"preset": "vit_s18x2", "images_per_sec": 1269.0, "vocab": 512}
 
 
 def compose(overrides):
-    from hydra import compose as hydra_compose, initialize_config_dir  # noqa: PLC0415
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     conf = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf")
     with initialize_config_dir(config_dir=os.path.abspath(conf), version_base="1.3"):
@@ -59,8 +59,8 @@ def time_batches(it, n: int, warmup: int, transfer=None) -> tuple[float, float, 
 
 def derived_gpu_step(preset: str) -> tuple[float, str]:
     """images/s of `preset`'s pretraining step on one H200 at the MFU measured for ViT-S 18x2 (FLOPs-scaled)."""
-    from sslvit.flops import train_flops  # noqa: PLC0415
-    from sslvit.models.build import build_vit, from_flat  # noqa: PLC0415
+    from sslvit.flops import train_flops
+    from sslvit.models.build import build_vit, from_flat
 
     def flops(name):
         enc = build_vit(from_flat(common.model_preset(name)), num_classes=0, use_mask_token=True)
@@ -68,9 +68,11 @@ def derived_gpu_step(preset: str) -> tuple[float, str]:
 
     ratio = flops(ANCHOR["preset"]) / flops(preset)
     ips = ANCHOR["images_per_sec"] * ratio
-    return ips, (f"{preset} on one H200, derived: ViT-S 18x2's measured {ANCHOR['images_per_sec']:,.0f} img/s x "
-                 f"{ratio:.3f} (the FLOPs ratio, {flops(ANCHOR['preset']) / 1e9:.0f} vs {flops(preset) / 1e9:.0f} "
-                 f"GFLOP per image): {ips:,.0f} img/s at the same MFU")
+    return ips, (
+        f"{preset} on one H200, derived: ViT-S 18x2's measured {ANCHOR['images_per_sec']:,.0f} img/s x "
+        f"{ratio:.3f} (the FLOPs ratio, {flops(ANCHOR['preset']) / 1e9:.0f} vs {flops(preset) / 1e9:.0f} "
+        f"GFLOP per image): {ips:,.0f} img/s at the same MFU"
+    )
 
 
 def main():
@@ -80,19 +82,25 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, nargs="*", default=[], help="also time with data.threads=N")
     ap.add_argument("--step-images-per-sec", type=float, default=None, help="the train step's images/s")
-    ap.add_argument("--gpu-step", default=None, choices=sorted(common.PRESETS),
-                    help="derive the step's images/s on one H200 for this preset (see the module doc)")
+    ap.add_argument(
+        "--gpu-step",
+        default=None,
+        choices=sorted(common.PRESETS),
+        help="derive the step's images/s on one H200 for this preset (see the module doc)",
+    )
     ap.add_argument("--repeats", type=int, default=2, help="pipeline measurements (the best is reported)")
     args = ap.parse_args()
 
-    import jax  # noqa: PLC0415
+    import jax
 
-    from sslvit.pretraining import Pretraining  # noqa: PLC0415
-    from sslvit.train import batch_sharding, make_mesh, to_global  # noqa: PLC0415
+    from sslvit.pretraining import Pretraining
+    from sslvit.train import batch_sharding, make_mesh, to_global
 
     n_cores = os.cpu_count() or 1
-    print(f"machine: {n_cores} CPU cores, load {os.getloadavg()[0]:.2f}; jax {jax.__version__} "
-          f"{jax.default_backend()} x {jax.device_count()}")
+    print(
+        f"machine: {n_cores} CPU cores, load {os.getloadavg()[0]:.2f}; jax {jax.__version__} "
+        f"{jax.default_backend()} x {jax.device_count()}"
+    )
     sharding = batch_sharding(make_mesh())
     rows = {}
     variants = [(None, False), (None, True)] + [(t, False) for t in args.threads]
@@ -100,9 +108,11 @@ def main():
         overrides = list(args.override) + ([f"data.threads={threads}"] if threads else [])
         p = Pretraining(compose(overrides), None)
         if not rows:
-            print(f"config: data {p.data_cfg.name} ({p.data_cfg.train_split}), {p.image_size}px, batch {p.batch_size},"
-                  f" mask {type(p.sampler).__name__} {p.sampler.num_masked}/{p.encoder.num_patches}, crop scale "
-                  f"{list(p.data_cfg.crop_scale)}, tf.data cache={p.data_cfg.cache}")
+            print(
+                f"config: data {p.data_cfg.name} ({p.data_cfg.train_split}), {p.image_size}px, batch {p.batch_size},"
+                f" mask {type(p.sampler).__name__} {p.sampler.num_masked}/{p.encoder.num_patches}, crop scale "
+                f"{list(p.data_cfg.crop_scale)}, tf.data cache={p.data_cfg.cache}"
+            )
         best = None
         for _ in range(args.repeats):
             it = p.train_batches(0)
@@ -111,28 +121,41 @@ def main():
             if best is None or wall < best[0]:
                 best = (wall, cpu, n)
         wall, cpu, n = best
-        name = ("pipeline (images + masks)" + (" + host->device" if transfer else "")
-                + (f", data.threads={threads}" if threads else ""))
+        name = (
+            "pipeline (images + masks)"
+            + (" + host->device" if transfer else "")
+            + (f", data.threads={threads}" if threads else "")
+        )
         rows[name] = (n / wall, cpu / n)
-        print(f"{name:>42}: {n / wall:8.1f} img/s wall, {cpu / n * 1e3:6.2f} CPU-ms per image = "
-              f"{n / cpu:6.1f} img/s per core ({n} images, load {os.getloadavg()[0]:.2f})")
+        print(
+            f"{name:>42}: {n / wall:8.1f} img/s wall, {cpu / n * 1e3:6.2f} CPU-ms per image = "
+            f"{n / cpu:6.1f} img/s per core ({n} images, load {os.getloadavg()[0]:.2f})"
+        )
 
     step_ips, what = args.step_images_per_sec, "given"
     if step_ips is None and args.gpu_step:
         step_ips, what = derived_gpu_step(args.gpu_step)
     elif step_ips is None:
-        import throughput  # noqa: PLC0415
+        import throughput
 
         cfg = p.config
         model = {k: v for k, v in cfg.model.to_dict().items()}
-        r = throughput.pretrain_step_bench(model, p.batch_size, model.pop("dtype"), stem=cfg.stem["name"],
-                                           vocab=int(cfg.target.get("vocab_size", 512)), stem_norm=cfg.stem["norm"])
+        r = throughput.pretrain_step_bench(
+            model,
+            p.batch_size,
+            model.pop("dtype"),
+            stem=cfg.stem["name"],
+            vocab=int(cfg.target.get("vocab_size", 512)),
+            stem_norm=cfg.stem["norm"],
+        )
         step_ips, what = r["images_per_sec"], f"measured here ({r['sec_per_step'] * 1e3:.0f} ms/step)"
     print(f"train step: {step_ips:,.1f} img/s ({what})")
     for name, (ips, cpu_per_img) in rows.items():
         cores = step_ips * cpu_per_img
-        print(f"{name}: {ips / step_ips:.2f}x the step's rate on this machine; feeding the step takes "
-              f"{cores:.2f} cores ({n_cores} here: {100 * cores / n_cores:.0f}% of them)")
+        print(
+            f"{name}: {ips / step_ips:.2f}x the step's rate on this machine; feeding the step takes "
+            f"{cores:.2f} cores ({n_cores} here: {100 * cores / n_cores:.0f}% of them)"
+        )
 
 
 if __name__ == "__main__":

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 
+from common import PRESETS, device_line, inference_forward, parse_overrides, timed
 
-from common import PRESETS, device_line, inference_forward, parse_overrides, timed  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def main():
@@ -34,7 +33,9 @@ def main():
     over = parse_overrides(args.model)
     print(device_line() + f", {args.dtype}" + (f"; model overrides {over}" if over else ""))
     for batch in (int(b) for b in args.batches.split(",")):
-        fns = {name: inference_forward(name, batch, dtype=args.dtype, **over) for name in (args.parallel, args.sequential)}
+        fns = {
+            name: inference_forward(name, batch, dtype=args.dtype, **over) for name in (args.parallel, args.sequential)
+        }
         times = {name: [] for name in fns}
         for _ in range(args.rounds):
             for name, (fn, _, _) in fns.items():
@@ -43,10 +44,13 @@ def main():
         cpu = {n: float(np.median([c for _, c in t])) for n, t in times.items()}
         par, seq = args.parallel, args.sequential
         flops = fns[par][1]
-        print(f"batch {batch}: {par} {best[par] * 1e3:7.1f} ms (cpu {cpu[par] * 1e3:7.1f} ms, compile "
-              f"{fns[par][2]:.1f}s) | {seq} {best[seq] * 1e3:7.1f} ms (cpu {cpu[seq] * 1e3:7.1f} ms, compile "
-              f"{fns[seq][2]:.1f}s) | parallel speed-up x{best[seq] / best[par]:.2f} wall, "
-              f"x{cpu[seq] / cpu[par]:.2f} cpu | {flops / best[par] / 1e9:.0f} GFLOP/s", flush=True)
+        print(
+            f"batch {batch}: {par} {best[par] * 1e3:7.1f} ms (cpu {cpu[par] * 1e3:7.1f} ms, compile "
+            f"{fns[par][2]:.1f}s) | {seq} {best[seq] * 1e3:7.1f} ms (cpu {cpu[seq] * 1e3:7.1f} ms, compile "
+            f"{fns[seq][2]:.1f}s) | parallel speed-up x{best[seq] / best[par]:.2f} wall, "
+            f"x{cpu[seq] / cpu[par]:.2f} cpu | {flops / best[par] / 1e9:.0f} GFLOP/s",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

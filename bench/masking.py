@@ -9,8 +9,7 @@ import argparse
 import time
 
 # Run from a checkout without installing the package.
-
-from sslvit.masking import MASK_SAMPLERS, make_mask_sampler, mask_rng  # noqa: E402
+from sslvit.masking import MASK_SAMPLERS, make_mask_sampler, mask_rng
 
 CASES = [((14, 14), 0.4), ((8, 8), 0.4)]
 

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 
+from common import PRESETS, device_line, parse_overrides, peak_matmul, pretrain_step, timed
 
-from common import PRESETS, device_line, parse_overrides, peak_matmul, pretrain_step, timed  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def main():
@@ -35,11 +34,12 @@ def main():
     over = parse_overrides(args.model)
     print(device_line() + (f"; model overrides {over}" if over else ""))
 
-    import jax.numpy as jnp  # noqa: PLC0415
+    import jax.numpy as jnp
 
     peak_fn, peak_flops = peak_matmul(jnp.float32 if args.dtype == "float32" else jnp.bfloat16)
-    step = pretrain_step(args.preset, args.batch, dtype=args.dtype, vocab=args.vocab, accum_steps=args.accum_steps,
-                         **over)
+    step = pretrain_step(
+        args.preset, args.batch, dtype=args.dtype, vocab=args.vocab, accum_steps=args.accum_steps, **over
+    )
     step.compile()
     step_fn, step_flops = step.run, step.flops
 
@@ -54,12 +54,13 @@ def main():
     peak_c = peak_flops / float(np.median([c for _, c in peaks]))
     step_w = min(w for w, _ in steps)
     step_c = float(np.median([c for _, c in steps]))
-    print(f"matmul peak ({args.dtype}): {peak_w / 1e9:.1f} GFLOP/s (best wall), {peak_c / 1e9:.1f} GFLOP "
-          f"per CPU-s")
+    print(f"matmul peak ({args.dtype}): {peak_w / 1e9:.1f} GFLOP/s (best wall), {peak_c / 1e9:.1f} GFLOP per CPU-s")
     accum = f" (accum_steps={args.accum_steps})" if args.accum_steps > 1 else ""
-    print(f"pretraining step {args.preset} batch {args.batch}{accum} {args.dtype}: {step_flops / 1e9:.1f} GFLOP, "
-          f"best {step_w * 1e3:.0f} ms = {args.batch / step_w:.1f} img/s; MFU {100 * step_flops / step_w / peak_w:.1f}% "
-          f"(wall), {100 * step_flops / step_c / peak_c:.1f}% (CPU time)")
+    print(
+        f"pretraining step {args.preset} batch {args.batch}{accum} {args.dtype}: {step_flops / 1e9:.1f} GFLOP, "
+        f"best {step_w * 1e3:.0f} ms = {args.batch / step_w:.1f} img/s; MFU {100 * step_flops / step_w / peak_w:.1f}% "
+        f"(wall), {100 * step_flops / step_c / peak_c:.1f}% (CPU time)"
+    )
 
 
 if __name__ == "__main__":

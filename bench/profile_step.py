@@ -34,11 +34,10 @@ import re
 import tempfile
 from collections import Counter, defaultdict
 
+from common import PRESETS, device_line, finetune_step, parse_overrides, pretrain_step
 
-from common import PRESETS, device_line, finetune_step, parse_overrides, pretrain_step  # noqa: E402
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
 SCOPES = ("attention", "drop_path", "layernorm", "gelu", "fold")
 CATEGORIES = ("matmul", "attention", "layernorm", "gelu", "drop_path", "fold", "layout", "other", "optimizer", "host")
@@ -70,7 +69,6 @@ def parse_hlo(text: str) -> dict:
     return {"instrs": instrs, "comps": comps}
 
 
-
 def _inner(hlo: dict, name: str, seen=None) -> list[str]:
     """All instructions a fusion / call executes (transitively), including itself."""
     seen = set() if seen is None else seen
@@ -93,8 +91,7 @@ def categorize(hlo: dict, name: str) -> str:
     names = [o for _, o, _, _, _ in inner if o]
     if "fmha" in target.lower() or "attention" in target.lower():
         return "attention"
-    dots = [o for c, o, _, t, _ in inner if c in ("dot", "convolution") or "gemm" in t.lower()
-            or "matmul" in t.lower()]
+    dots = [o for c, o, _, t, _ in inner if c in ("dot", "convolution") or "gemm" in t.lower() or "matmul" in t.lower()]
     if dots:
         if any("/attention/" in o for o in dots):
             return "attention"
@@ -137,8 +134,11 @@ def profile(step, steps: int, hlo: dict) -> dict:
                 with jax.profiler.StepTraceAnnotation("train", step_num=i):
                     step.run()
         events = trace_events(logdir)
-    procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    procs = {
+        e["pid"]: e.get("args", {}).get("name", "")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
     device_pids = {p for p, n in procs.items() if "/device:" in n and "CPU" not in n.upper()}
     windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("ph") == "X" and e["name"] == "train")
     per_cat, per_op, intervals, unmatched = defaultdict(float), defaultdict(float), [], Counter()
@@ -165,9 +165,14 @@ def profile(step, steps: int, hlo: dict) -> dict:
     ms = {c: per_cat.get(c, 0.0) / 1e3 / n for c in CATEGORIES if c != "host"}
     ms["host"] = max(wall - busy, 0.0) / 1e3 / n
     top = sorted(per_op.items(), key=lambda kv: -kv[1])[:15]
-    return {"wall_ms": wall / 1e3 / n, "busy_ms": busy / 1e3 / n, "ms": ms, "steps": len(windows),
-            "top_ops": [(k, categorize(hlo, k), v / 1e3 / n, hlo["instrs"][k][1][-90:]) for k, v in top],
-            "unmatched_ms": {k: v / 1e3 / n for k, v in unmatched.most_common(10)}}
+    return {
+        "wall_ms": wall / 1e3 / n,
+        "busy_ms": busy / 1e3 / n,
+        "ms": ms,
+        "steps": len(windows),
+        "top_ops": [(k, categorize(hlo, k), v / 1e3 / n, hlo["instrs"][k][1][-90:]) for k, v in top],
+        "unmatched_ms": {k: v / 1e3 / n for k, v in unmatched.most_common(10)},
+    }
 
 
 def report(res: dict, title: str) -> str:
@@ -204,14 +209,20 @@ def main():
     hlo = parse_hlo(compiled.as_text())
     step.run(), step.run()
     res = profile(step, args.steps, hlo)
-    title = (f"{device_line()}\n{args.step} step, {args.preset}, batch {args.batch}, {args.dtype}"
-             + (f", vocab {args.vocab}" if args.step == "pretrain" else "") + (f"; overrides {over}" if over else "")
-             + f"; load {os.getloadavg()[0]:.1f}")
+    title = (
+        f"{device_line()}\n{args.step} step, {args.preset}, batch {args.batch}, {args.dtype}"
+        + (f", vocab {args.vocab}" if args.step == "pretrain" else "")
+        + (f"; overrides {over}" if over else "")
+        + f"; load {os.getloadavg()[0]:.1f}"
+    )
     print(report(res, title))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(res, step=args.step, preset=args.preset, batch=args.batch, dtype=args.dtype,
-                           device=device_line()), f, indent=2)
+            json.dump(
+                dict(res, step=args.step, preset=args.preset, batch=args.batch, dtype=args.dtype, device=device_line()),
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -27,22 +27,26 @@ import numpy as np
 
 
 def _image(rng: np.random.Generator, lo: int, hi: int, photo: bool) -> bytes:
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image
 
     w, h = (int(v) for v in rng.integers(lo, hi + 1, 2))
     if photo:
         # Low-frequency structure (a coarse random grid, bicubic upsampled) + mid-frequency texture + grain.
         coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
         mid = Image.fromarray(rng.integers(0, 256, (h // 4 + 1, w // 4 + 1, 3), dtype=np.uint8)).resize(
-            (w, h), Image.BILINEAR)
+            (w, h), Image.BILINEAR
+        )
         img = 0.5 * np.asarray(coarse, np.float32) + 0.5 * np.asarray(mid, np.float32)
         img += rng.normal(0, 10, (h, w, 3))
         quality = 90
     else:
         y, x = np.mgrid[0:h, 0:w]
         c = rng.integers(0, 256, (3,))
-        img = (c[None, None] + (x[..., None] * rng.integers(-3, 4, 3) + y[..., None] * rng.integers(-3, 4, 3))
-               + rng.normal(0, 4, (h, w, 3)))
+        img = (
+            c[None, None]
+            + (x[..., None] * rng.integers(-3, 4, 3) + y[..., None] * rng.integers(-3, 4, 3))
+            + rng.normal(0, 4, (h, w, 3))
+        )
         quality = 85
     buf = io.BytesIO()
     Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
@@ -64,14 +68,27 @@ def _write_class(args) -> int:
     return written
 
 
-def make_folder(root: str | os.PathLike, *, classes: int, train: int, test: int, size: tuple[int, int],
-                photo: bool = False, seed: int = 0, workers: int | None = None) -> Path:
+def make_folder(
+    root: str | os.PathLike,
+    *,
+    classes: int,
+    train: int,
+    test: int,
+    size: tuple[int, int],
+    photo: bool = False,
+    seed: int = 0,
+    workers: int | None = None,
+) -> Path:
     root = Path(root)
     marker = root / ".complete"
     if marker.exists():
         return root
-    jobs = [(str(root), split, c, n, size[0], size[1], photo, seed)
-            for split, n in (("train", train), ("test", test)) if n for c in range(classes)]
+    jobs = [
+        (str(root), split, c, n, size[0], size[1], photo, seed)
+        for split, n in (("train", train), ("test", test))
+        if n
+        for c in range(classes)
+    ]
     t0 = time.perf_counter()
     with mp.Pool(workers or os.cpu_count()) as pool:
         written = sum(pool.imap_unordered(_write_class, jobs, chunksize=4))
@@ -91,8 +108,16 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=None)
     a = ap.parse_args()
-    make_folder(a.root, classes=a.classes, train=a.train, test=a.test, size=tuple(a.size), photo=a.photo,
-                seed=a.seed, workers=a.workers)
+    make_folder(
+        a.root,
+        classes=a.classes,
+        train=a.train,
+        test=a.test,
+        size=tuple(a.size),
+        photo=a.photo,
+        seed=a.seed,
+        workers=a.workers,
+    )
 
 
 if __name__ == "__main__":

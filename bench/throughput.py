@@ -16,28 +16,51 @@ from __future__ import annotations
 import argparse
 import json
 
+from common import (
+    PRESETS,
+    device_line,
+    finetune_step,
+    inference_forward,
+    matmul_peak,
+    parse_overrides,
+    pretrain_step,
+    timeit,
+)
 
-from common import (PRESETS, device_line, finetune_step, inference_forward, matmul_peak,  # noqa: E402
-                    parse_overrides, pretrain_step, timeit)
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
 
 def pretrain_step_bench(preset, batch: int, dtype: str, stem: str = "hmlp", vocab: int = 512, **model_overrides):
     s = pretrain_step(preset, batch, dtype=dtype, stem=stem, vocab=vocab, **model_overrides)
     s.compile()
     sec = timeit(s.run)
-    return dict(step="pretrain", preset=preset if isinstance(preset, str) else "config", batch=batch, dtype=dtype,
-                sec_per_step=sec, images_per_sec=batch / sec, flops_per_step=s.flops, compile_s=s.compile_s)
+    return dict(
+        step="pretrain",
+        preset=preset if isinstance(preset, str) else "config",
+        batch=batch,
+        dtype=dtype,
+        sec_per_step=sec,
+        images_per_sec=batch / sec,
+        flops_per_step=s.flops,
+        compile_s=s.compile_s,
+    )
 
 
 def finetune_step_bench(preset, batch: int, dtype: str, mode: str = "full", **model_overrides):
     s = finetune_step(preset, batch, dtype=dtype, mode=mode, **model_overrides)
     s.compile()
     sec = timeit(s.run)
-    return dict(step=f"finetune_{mode}", preset=preset, batch=batch, dtype=dtype, sec_per_step=sec,
-                images_per_sec=batch / sec, flops_per_step=s.flops, compile_s=s.compile_s)
+    return dict(
+        step=f"finetune_{mode}",
+        preset=preset,
+        batch=batch,
+        dtype=dtype,
+        sec_per_step=sec,
+        images_per_sec=batch / sec,
+        flops_per_step=s.flops,
+        compile_s=s.compile_s,
+    )
 
 
 def inference_latency(preset: str, batch: int, dtype: str = "float32", **model_overrides):
@@ -68,10 +91,19 @@ def main():
         for dtype in (args.dtypes or "float32").split(","):
             for batch in (int(b) for b in args.latency_batches.split(",")):
                 (par, _), (seq, _) = (inference_latency(p, batch, dtype, **over) for p in ("vit_s18x2", "vit_s36x1"))
-                row = dict(step="inference", batch=batch, dtype=dtype, s18x2_ms=par * 1e3, s36x1_ms=seq * 1e3,
-                           speedup=seq / par)
-                print(f"inference batch {batch} {dtype}: ViT-S18x2 {par * 1e3:.1f} ms, ViT-S36x1 {seq * 1e3:.1f} ms, "
-                      f"parallel speed-up x{seq / par:.2f}", flush=True)
+                row = dict(
+                    step="inference",
+                    batch=batch,
+                    dtype=dtype,
+                    s18x2_ms=par * 1e3,
+                    s36x1_ms=seq * 1e3,
+                    speedup=seq / par,
+                )
+                print(
+                    f"inference batch {batch} {dtype}: ViT-S18x2 {par * 1e3:.1f} ms, ViT-S36x1 {seq * 1e3:.1f} ms, "
+                    f"parallel speed-up x{seq / par:.2f}",
+                    flush=True,
+                )
                 rows.append(row)
     else:
         dtypes = args.dtypes.split(",") if args.dtypes else ["float32"] + (["bfloat16"] if bf16_supported() else [])
@@ -80,15 +112,20 @@ def main():
             print(f"{dtype} matmul peak (square matmul, measured): {peak / 1e9:.1f} GFLOP/s")
             results = [pretrain_step_bench(args.preset, args.batch, dtype, **over)]
             if not args.no_finetune:
-                results += [finetune_step_bench(args.preset, args.batch, dtype, m, **over) for m in ("full", "attn_only")]
+                results += [
+                    finetune_step_bench(args.preset, args.batch, dtype, m, **over) for m in ("full", "attn_only")
+                ]
             for r in results:
                 r["peak_flops"] = peak
                 r["mfu"] = r["flops_per_step"] / r["sec_per_step"] / peak if r["flops_per_step"] else None
                 mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
                 extra = f", compile {r['compile_s']:.1f}s" if "compile_s" in r else ""
-                print(f"{r['step']:>16} {args.preset} batch {args.batch} {dtype}: {r['images_per_sec']:.1f} img/s, "
-                      f"{r['sec_per_step'] * 1e3:.0f} ms/step, {r['flops_per_step'] / 1e9:.1f} GFLOP/step, "
-                      f"MFU {mfu}{extra}", flush=True)
+                print(
+                    f"{r['step']:>16} {args.preset} batch {args.batch} {dtype}: {r['images_per_sec']:.1f} img/s, "
+                    f"{r['sec_per_step'] * 1e3:.0f} ms/step, {r['flops_per_step'] / 1e9:.1f} GFLOP/step, "
+                    f"MFU {mfu}{extra}",
+                    flush=True,
+                )
                 rows.append(r)
     if args.json:
         with open(args.json, "w") as f:

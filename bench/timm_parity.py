@@ -15,17 +15,15 @@ from __future__ import annotations
 import argparse
 import time
 
-import timm  # noqa: F401  (before TensorFlow is loaded anywhere: timm's triton and TensorFlow clash in one process)
+from common import device_line, model_preset
+
+import jax
+import numpy as np
+import timm
 import torch
 
-
-from common import device_line, model_preset  # noqa: E402
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from sslvit.models.build import build_vit, from_flat  # noqa: E402
-from sslvit.interop import timm_to_variables, variables_to_timm  # noqa: E402
+from sslvit.interop import timm_to_variables, variables_to_timm
+from sslvit.models.build import build_vit, from_flat
 
 TIMM = {"vit_s18x2": dict(depth=18, block="parallel"), "vit_s36x1": dict(depth=36, block="sequential")}
 
@@ -33,10 +31,18 @@ TIMM = {"vit_s18x2": dict(depth=18, block="parallel"), "vit_s36x1": dict(depth=3
 def timm_vit(depth: int, block: str, classes: int):
     if block == "parallel":  # timm's registered model: the reference for the 18x2 architecture
         return timm.create_model("vit_small_patch16_18x2_224", num_classes=classes)
-    from timm.models.vision_transformer import VisionTransformer  # noqa: PLC0415
+    from timm.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(img_size=224, patch_size=16, embed_dim=384, depth=depth, num_heads=6, mlp_ratio=4.0,
-                             init_values=1e-5, num_classes=classes)
+    return VisionTransformer(
+        img_size=224,
+        patch_size=16,
+        embed_dim=384,
+        depth=depth,
+        num_heads=6,
+        mlp_ratio=4.0,
+        init_values=1e-5,
+        num_classes=classes,
+    )
 
 
 def main():
@@ -62,8 +68,10 @@ def main():
         t0 = time.perf_counter()
         back = variables_to_timm(variables, model)
         t_out = time.perf_counter() - t0
-        exact = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(timm_to_variables(back, model)),
-                                                          jax.tree.leaves(variables)))
+        exact = all(
+            np.array_equal(a, b)
+            for a, b in zip(jax.tree.leaves(timm_to_variables(back, model)), jax.tree.leaves(variables))
+        )
 
         layers = []
         hooks = [b.register_forward_hook(lambda _m, _i, out: layers.append(out.numpy())) for b in tm.blocks]
@@ -76,11 +84,13 @@ def main():
         per_layer = [rel(feats["layers"][i], layers[i]) for i in range(len(layers))]
         n_timm = sum(p.numel() for p in tm.parameters())
         n_sslvit = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables["params"]))
-        print(f"{preset}: timm {n_timm:,} params, sslvit {n_sslvit:,} (timm's class-token slot in pos_embed: "
-              f"{n_timm - n_sslvit:,}); logits max |diff| {float(np.abs(np.asarray(out) - ref).max()):.2e} of "
-              f"max |logit| {float(np.abs(ref).max()):.2f} (relative {rel(out, ref):.1e}); per-layer tokens, "
-              f"relative: max {max(per_layer):.1e}, last {per_layer[-1]:.1e}; conversion timm->sslvit "
-              f"{t_in:.2f} s, sslvit->timm {t_out:.2f} s; round trip bit-exact: {exact}")
+        print(
+            f"{preset}: timm {n_timm:,} params, sslvit {n_sslvit:,} (timm's class-token slot in pos_embed: "
+            f"{n_timm - n_sslvit:,}); logits max |diff| {float(np.abs(np.asarray(out) - ref).max()):.2e} of "
+            f"max |logit| {float(np.abs(ref).max()):.2f} (relative {rel(out, ref):.1e}); per-layer tokens, "
+            f"relative: max {max(per_layer):.1e}, last {per_layer[-1]:.1e}; conversion timm->sslvit "
+            f"{t_in:.2f} s, sslvit->timm {t_out:.2f} s; round trip bit-exact: {exact}"
+        )
 
 
 if __name__ == "__main__":

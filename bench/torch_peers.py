@@ -12,7 +12,7 @@ import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads must not spin while JAX runs (CPU)
 
-import torch  # noqa: E402
+import torch
 
 
 def timm_vit(model_cfg: dict, num_classes: int, *, plain: bool = False, timm_name: str | None = None):
@@ -21,8 +21,8 @@ def timm_vit(model_cfg: dict, num_classes: int, *, plain: bool = False, timm_nam
     and no LayerScale (timm's defaults); otherwise the config's drop path and LayerScale. `timm_name` builds that
     registered timm model instead (e.g. vit_base_patch16_18x2_224, which has LayerScale), with the drop path of
     the config unless `plain`."""
-    import timm  # noqa: PLC0415
-    from timm.models.vision_transformer import Block, ParallelThingsBlock, VisionTransformer  # noqa: PLC0415
+    import timm
+    from timm.models.vision_transformer import Block, ParallelThingsBlock, VisionTransformer
 
     drop_path = 0.0 if plain else float(model_cfg.get("drop_path") or 0.0)
     if timm_name:
@@ -35,18 +35,35 @@ def timm_vit(model_cfg: dict, num_classes: int, *, plain: bool = False, timm_nam
         return block(*args, **kw, **block_kw)
 
     return VisionTransformer(
-        img_size=model_cfg["image_size"], patch_size=model_cfg["patch_size"], embed_dim=model_cfg["dim"],
-        depth=model_cfg["depth"], num_heads=model_cfg["heads"], mlp_ratio=model_cfg["mlp_dim"] / model_cfg["dim"],
-        num_classes=num_classes, qkv_bias=True, drop_path_rate=drop_path,
-        init_values=None if plain else model_cfg.get("layer_scale_init"), block_fn=block_fn)
+        img_size=model_cfg["image_size"],
+        patch_size=model_cfg["patch_size"],
+        embed_dim=model_cfg["dim"],
+        depth=model_cfg["depth"],
+        num_heads=model_cfg["heads"],
+        mlp_ratio=model_cfg["mlp_dim"] / model_cfg["dim"],
+        num_classes=num_classes,
+        qkv_bias=True,
+        drop_path_rate=drop_path,
+        init_values=None if plain else model_cfg.get("layer_scale_init"),
+        block_fn=block_fn,
+    )
 
 
 class TorchStep:
     """One supervised train step of `model` on a fixed synthetic batch: forward, cross-entropy, backward, AdamW.
     `run()` blocks until the step is done. `compile`: torch.compile the model; `dtype="bfloat16"`: autocast."""
 
-    def __init__(self, model, batch: int, *, device: str = "cpu", dtype: str = "float32", compile: bool = False,
-                 image_size: int = 32, num_classes: int = 10):
+    def __init__(
+        self,
+        model,
+        batch: int,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        compile: bool = False,
+        image_size: int = 32,
+        num_classes: int = 10,
+    ):
         self.device = torch.device(device)
         self.model = model.to(self.device).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.05)

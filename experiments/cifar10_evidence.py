@@ -81,10 +81,26 @@ BUDGETS = {
     "cpu": {  # the same shape at dim 64 (0.6M parameters), float32, batch 64: ~1 epoch + 1/2 epoch on 2 cores
         "deadline_s": 2820,
         "model": ["model.dim=64", "model.heads=2", "model.mlp_dim=256", "model.dtype=float32"],
-        "pretrain": ["batch_size=64", "steps=700", "log_every=25", "ckpt_every=700", "optim.warmup_steps=50",
-                     "optim.lr=2e-3", "target.vocab_size=256", "target.num_samples=100000", "progress=false"],
-        "finetune": ["batch_size=64", "steps=400", "log_every=25", "ckpt_every=400", "optim.warmup_steps=40",
-                     "optim.lr=1e-3", "progress=false"],
+        "pretrain": [
+            "batch_size=64",
+            "steps=700",
+            "log_every=25",
+            "ckpt_every=700",
+            "optim.warmup_steps=50",
+            "optim.lr=2e-3",
+            "target.vocab_size=256",
+            "target.num_samples=100000",
+            "progress=false",
+        ],
+        "finetune": [
+            "batch_size=64",
+            "steps=400",
+            "log_every=25",
+            "ckpt_every=400",
+            "optim.warmup_steps=40",
+            "optim.lr=1e-3",
+            "progress=false",
+        ],
         "probe": ["data.train_split='train[:10000]'", "batch_size=256", "progress=false"],
         # seconds on the shared 2-core VM (load 5-12): pretraining ~1.3 s/step, fine-tuning ~1 s/step
         "estimates": {"pretrain": 1080, "probe": 240, "finetune": 560, "transfer": 90},
@@ -92,12 +108,33 @@ BUDGETS = {
     "smoke": {  # every stage for a few steps on small splits: checks the script, measures nothing (~6 min on CPU)
         "deadline_s": 900,
         "model": ["model.dim=32", "model.heads=2", "model.mlp_dim=64", "model.dtype=float32"],
-        "pretrain": ["batch_size=32", "steps=20", "log_every=5", "ckpt_every=20", "optim.warmup_steps=5",
-                     "target.vocab_size=64", "target.num_samples=5000", "eval_batches=4", "progress=false"],
-        "finetune": ["batch_size=32", "steps=20", "log_every=5", "ckpt_every=20", "optim.warmup_steps=5",
-                     "eval_batches=4", "progress=false"],
-        "probe": ["data.train_split='train[:1000]'", "data.test_split='test[:500]'", "batch_size=250",
-                  "probe.epochs=5", "progress=false"],
+        "pretrain": [
+            "batch_size=32",
+            "steps=20",
+            "log_every=5",
+            "ckpt_every=20",
+            "optim.warmup_steps=5",
+            "target.vocab_size=64",
+            "target.num_samples=5000",
+            "eval_batches=4",
+            "progress=false",
+        ],
+        "finetune": [
+            "batch_size=32",
+            "steps=20",
+            "log_every=5",
+            "ckpt_every=20",
+            "optim.warmup_steps=5",
+            "eval_batches=4",
+            "progress=false",
+        ],
+        "probe": [
+            "data.train_split='train[:1000]'",
+            "data.test_split='test[:500]'",
+            "batch_size=250",
+            "probe.epochs=5",
+            "progress=false",
+        ],
         "estimates": {"pretrain": 120, "probe": 60, "finetune": 90, "transfer": 40},
     },
 }
@@ -114,9 +151,13 @@ class Runner:
         self.out, self.deadline, self.log = out, deadline_s, log
         self.t0 = time.time()
         self.outcomes: dict[str, dict] = {}
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3",
-                        JAX_COMPILATION_CACHE_DIR=str(out / "jax_cache"),
-                        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+        self.env = dict(
+            os.environ,
+            PYTHONUNBUFFERED="1",
+            TF_CPP_MIN_LOG_LEVEL="3",
+            JAX_COMPILATION_CACHE_DIR=str(out / "jax_cache"),
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1",
+        )
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
     def elapsed(self) -> float:
@@ -146,8 +187,9 @@ class Runner:
         t = time.time()
         with open(self.out / f"{name}.out", "w") as f:
             try:
-                rc = subprocess.run(cmd, cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT,
-                                    timeout=max(left, 1)).returncode
+                rc = subprocess.run(
+                    cmd, cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT, timeout=max(left, 1)
+                ).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
         seconds = round(time.time() - t, 1)
@@ -158,10 +200,9 @@ class Runner:
 
 
 def machine() -> dict:
-    import jax  # noqa: PLC0415
-
-    import flax  # noqa: PLC0415
-    import optax  # noqa: PLC0415
+    import flax
+    import jax
+    import optax
 
     d = jax.devices()[0]
     cpu = platform.processor() or platform.machine()
@@ -176,8 +217,11 @@ def machine() -> dict:
         device = f"cpu ({os.cpu_count()}-core {cpu}, shared with other jobs)"
     else:
         device = f"{d.device_kind} x {jax.device_count()} ({d.platform}; host {os.cpu_count()} cores {cpu})"
-    return {"device": device, "versions": f"python {platform.python_version()}, jax {jax.__version__}, flax "
-                                          f"{flax.__version__}, optax {optax.__version__}"}
+    return {
+        "device": device,
+        "versions": f"python {platform.python_version()}, jax {jax.__version__}, flax "
+        f"{flax.__version__}, optax {optax.__version__}",
+    }
 
 
 def pct(x) -> float | None:
@@ -195,26 +239,37 @@ def entry(stem: str, budget: str, r: dict, wall_s: float, info: dict, runner: Ru
     tp, tr = r.get("transfer"), r.get("transfer_random")
     steps_per_epoch = lambda res: 50_000 // res["batch_size"]  # noqa: E731
     out = {
-        "budget": budget, "stem": stem,
-        "probe_pretrained": pct(probe and probe["best_top1"]), "probe_pretrained_layer": probe and probe["best_layer"],
-        "probe_random_init": pct(rand and rand["best_top1"]), "probe_random_init_layer": rand and rand["best_layer"],
+        "budget": budget,
+        "stem": stem,
+        "probe_pretrained": pct(probe and probe["best_top1"]),
+        "probe_pretrained_layer": probe and probe["best_layer"],
+        "probe_random_init": pct(rand and rand["best_top1"]),
+        "probe_random_init_layer": rand and rand["best_layer"],
         "probe_per_layer": {"pretrained": per_layer(probe), "random_init": per_layer(rand)},
-        "probe_train_images": probe and probe["num_train"], "probe_test_images": probe and probe["num_test"],
-        "finetune_pretrained": pct(ft and ft.get("test_top1")), "finetune_scratch": pct(scr and scr.get("test_top1")),
+        "probe_train_images": probe and probe["num_train"],
+        "probe_test_images": probe and probe["num_test"],
+        "finetune_pretrained": pct(ft and ft.get("test_top1")),
+        "finetune_scratch": pct(scr and scr.get("test_top1")),
         "finetune_test_images": ft and ft.get("test_examples"),
         "masked_token_accuracy": pct(pre and pre.get("test_accuracy")),
         "masked_token_chance": pct(pre and pre.get("chance_accuracy")),
         "pretrain_epochs": pre and round(pre["steps"] / steps_per_epoch(pre), 2),
         "finetune_epochs": ft and round(ft["steps"] / steps_per_epoch(ft), 2),
-        "pretrain_steps": pre and pre["steps"], "pretrain_batch": pre and pre["batch_size"],
-        "finetune_steps": ft and ft["steps"], "finetune_batch": ft and ft["batch_size"],
+        "pretrain_steps": pre and pre["steps"],
+        "pretrain_batch": pre and pre["batch_size"],
+        "finetune_steps": ft and ft["steps"],
+        "finetune_batch": ft and ft["batch_size"],
         "pretrain_images_per_sec": pre and round(pre["images_per_sec"], 1),
         "finetune_images_per_sec": ft and round(ft["images_per_sec"], 1),
         "params": pre and pre.get("params"),
-        "transfer": {"dataset": "scikit-learn digits (1,000 train / 797 test, 8x8 grey -> 32 px)",
-                     "probe_pretrained": pct(tp and tp["best_top1"]), "probe_random_init": pct(tr and tr["best_top1"]),
-                     "probe_per_layer": {"pretrained": per_layer(tp), "random_init": per_layer(tr)}},
-        "wall_s": round(wall_s, 1), **info,
+        "transfer": {
+            "dataset": "scikit-learn digits (1,000 train / 797 test, 8x8 grey -> 32 px)",
+            "probe_pretrained": pct(tp and tp["best_top1"]),
+            "probe_random_init": pct(tr and tr["best_top1"]),
+            "probe_per_layer": {"pretrained": per_layer(tp), "random_init": per_layer(tr)},
+        },
+        "wall_s": round(wall_s, 1),
+        **info,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": f"python experiments/cifar10_evidence.py --budget {budget} --stems {stem}",
         "runs": {k: v for k, v in runner.outcomes.items() if k.endswith(f"_{stem}")},
@@ -231,10 +286,10 @@ def entry(stem: str, budget: str, r: dict, wall_s: float, info: dict, runner: Ru
 def plot(out: Path, stems: list[str], results: dict[str, dict]) -> Path | None:
     """evidence.png: pretraining curves, fine-tuning pretrained vs scratch, probe top-1 per layer (CIFAR, digits)."""
     try:
-        import matplotlib  # noqa: PLC0415
+        import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        import matplotlib.pyplot as plt
     except ImportError:
         return None
 
@@ -258,8 +313,12 @@ def plot(out: Path, stems: list[str], results: dict[str, dict]) -> Path | None:
             res = results[stem].get("finetune" if what == "pretrained" else "scratch")
             if res and res.get("test_top1") is not None:
                 ax[1].axhline(100 * res["test_top1"], ls="--", lw=1, color=ax[1].lines[-1].get_color() if ft else None)
-        for i, (a, b, title) in enumerate((("probe", "probe_random", "CIFAR-10 linear probe"),
-                                           ("transfer", "transfer_random", "digits linear probe (transfer)"))):
+        for i, (a, b, title) in enumerate(
+            (
+                ("probe", "probe_random", "CIFAR-10 linear probe"),
+                ("transfer", "transfer_random", "digits linear probe (transfer)"),
+            )
+        ):
             for key, what, style in ((a, "pretrained", "-o"), (b, "random init", "--s")):
                 res = results[stem].get(key)
                 if res:
@@ -283,13 +342,19 @@ def plot(out: Path, stems: list[str], results: dict[str, dict]) -> Path | None:
 def merge(entries: list[dict], path: Path) -> None:
     """Add entries to the results file, replacing those of the same (budget, stem)."""
     doc = json.loads(path.read_text()) if path.is_file() else {}
-    keep = [e for e in doc.get("entries", []) if (e["budget"], e["stem"]) not in {(x["budget"], x["stem"])
-                                                                                  for x in entries}]
+    keep = [
+        e for e in doc.get("entries", []) if (e["budget"], e["stem"]) not in {(x["budget"], x["stem"]) for x in entries}
+    ]
     doc["entries"] = sorted(keep + entries, key=lambda e: (e["budget"] != "gpu", e["stem"] != "hmlp", e["stem"]))
     measured = {e["budget"] for e in doc["entries"]}
-    doc["pending"] = [] if "gpu" in measured else [
-        "budget gpu (the recipes as they are: tiny 6x2, 80 pretraining + 30 fine-tuning epochs, <= 9 min on one "
-        "H200): not run yet; the command is in experiments/cifar10_evidence.py"]
+    doc["pending"] = (
+        []
+        if "gpu" in measured
+        else [
+            "budget gpu (the recipes as they are: tiny 6x2, 80 pretraining + 30 fine-tuning epochs, <= 9 min on one "
+            "H200): not run yet; the command is in experiments/cifar10_evidence.py"
+        ]
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"merged {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} into {path}")
@@ -300,15 +365,23 @@ def main() -> int:
     ap.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
     ap.add_argument("--stems", default="hmlp", help="comma-separated: hmlp, linear, conv")
     ap.add_argument("--data", default=None, help="a folder holding CIFAR-10's train.npz and test.npz")
-    ap.add_argument("--digits", default=None, help="a folder holding the digits' train.npz and test.npz "
-                                                   "(default: written by experiments/make_digits.py if it can)")
+    ap.add_argument(
+        "--digits",
+        default=None,
+        help="a folder holding the digits' train.npz and test.npz "
+        "(default: written by experiments/make_digits.py if it can)",
+    )
     ap.add_argument("--out", default=None, help="default outputs/evidence_<budget>")
     ap.add_argument("--deadline", type=float, default=None, help="seconds (default: the budget's)")
     ap.add_argument("--no-scratch", action="store_true", help="skip the from-scratch fine-tune")
     ap.add_argument("--summary", default=None, help="also copy evidence.json, evidence.png, report.md and the log here")
     ap.add_argument("--results", default=str(RESULTS), help="merge the entries into this file ('' to skip)")
-    ap.add_argument("--merge", default=None, metavar="EVIDENCE_JSON", help="only merge this evidence.json's "
-                                                                           "entries into --results, run nothing")
+    ap.add_argument(
+        "--merge",
+        default=None,
+        metavar="EVIDENCE_JSON",
+        help="only merge this evidence.json's entries into --results, run nothing",
+    )
     args = ap.parse_args()
     if args.merge:
         merge(json.loads(Path(args.merge).read_text())["entries"], Path(args.results))
@@ -327,40 +400,81 @@ def main() -> int:
     data = Path(args.data) if args.data else out / "cifar10_arrays"
     if not (data / "train.npz").is_file():
         run.say(f"writing CIFAR-10 arrays to {data} (python -m sslvit.data.materialize cifar10)")
-        subprocess.run([sys.executable, "-m", "sslvit.data.materialize", "cifar10", str(data)], cwd=ROOT,
-                       env=run.env, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "sslvit.data.materialize", "cifar10", str(data)], cwd=ROOT, env=run.env, check=True
+        )
     digits = Path(args.digits) if args.digits else out / "digits"
     if not (digits / "train.npz").is_file():
-        made = subprocess.run([sys.executable, str(ROOT / "experiments" / "make_digits.py"), str(digits)],
-                              cwd=ROOT, env=run.env, capture_output=True, text=True)
-        run.say(made.stdout.strip() if made.returncode == 0 else
-                "no transfer dataset: experiments/make_digits.py needs scikit-learn (pip install scikit-learn)")
+        made = subprocess.run(
+            [sys.executable, str(ROOT / "experiments" / "make_digits.py"), str(digits)],
+            cwd=ROOT,
+            env=run.env,
+            capture_output=True,
+            text=True,
+        )
+        run.say(
+            made.stdout.strip()
+            if made.returncode == 0
+            else "no transfer dataset: experiments/make_digits.py needs scikit-learn (pip install scikit-learn)"
+        )
     has_digits = (digits / "train.npz").is_file()
 
     est = budget["estimates"]
     cifar = ["data=cifar10_arrays", f"data.path={data}"]
-    transfer = ["data=cifar10_arrays", f"data.path={digits}", "data.name=digits", "data.num_classes=null",
-                "data.train_split=train", "data.test_split=test", "batch_size=256", "knn.k=10", "progress=false"]
+    transfer = [
+        "data=cifar10_arrays",
+        f"data.path={digits}",
+        "data.name=digits",
+        "data.num_classes=null",
+        "data.train_split=train",
+        "data.test_split=test",
+        "batch_size=256",
+        "knn.k=10",
+        "progress=false",
+    ]
     results: dict[str, dict] = {}
     entries = []
     for stem in stems:
         t_stem = time.time()
         r = results[stem] = {}
         pre_dir = out / f"pretrain_{stem}"
-        r["pretrain"] = run(f"pretrain_{stem}", est["pretrain"], "pretrain.py",
-                            ["experiment=cifar10_pretrain", *cifar, f"stem={stem}", *budget["model"],
-                             *budget["pretrain"]])
+        r["pretrain"] = run(
+            f"pretrain_{stem}",
+            est["pretrain"],
+            "pretrain.py",
+            ["experiment=cifar10_pretrain", *cifar, f"stem={stem}", *budget["model"], *budget["pretrain"]],
+        )
         probe = ["linear_probe.py", [f"run={pre_dir}", *cifar, f"layers={LAYERS}", *budget["probe"]]]
         if r["pretrain"] is not None:
             r["probe"] = run(f"probe_{stem}", est["probe"], probe[0], probe[1])
             r["probe_random"] = run(f"probe_random_{stem}", est["probe"], probe[0], [*probe[1], "random_init=true"])
-            r["finetune"] = run(f"finetune_{stem}", est["finetune"], "finetune.py",
-                                ["experiment=cifar10_finetune", *cifar, f"run={pre_dir}",
-                                 "model.drop_path_schedule=linear", *budget["finetune"]])
+            r["finetune"] = run(
+                f"finetune_{stem}",
+                est["finetune"],
+                "finetune.py",
+                [
+                    "experiment=cifar10_finetune",
+                    *cifar,
+                    f"run={pre_dir}",
+                    "model.drop_path_schedule=linear",
+                    *budget["finetune"],
+                ],
+            )
         if not args.no_scratch:
-            r["scratch"] = run(f"scratch_{stem}", est["finetune"], "finetune.py",
-                               ["experiment=cifar10_finetune", *cifar, "run=null", f"stem={stem}",
-                                "model.drop_path_schedule=linear", *budget["model"], *budget["finetune"]])
+            r["scratch"] = run(
+                f"scratch_{stem}",
+                est["finetune"],
+                "finetune.py",
+                [
+                    "experiment=cifar10_finetune",
+                    *cifar,
+                    "run=null",
+                    f"stem={stem}",
+                    "model.drop_path_schedule=linear",
+                    *budget["model"],
+                    *budget["finetune"],
+                ],
+            )
         if has_digits and r["pretrain"] is not None:
             t = ["linear_probe.py", [f"run={pre_dir}", *transfer, f"layers={LAYERS}"]]
             r["transfer"] = run(f"transfer_{stem}", est["transfer"], t[0], t[1])
@@ -371,20 +485,30 @@ def main() -> int:
     for e in entries:
         e["load_average"] = f"{load0[0]:.1f} at the start, {load1[0]:.1f} at the end (1-minute, {os.cpu_count()} cores)"
         e["deadline_s"] = run.deadline
-    rep = subprocess.run([sys.executable, "report.py", str(out), "--out", str(out / "report")], cwd=ROOT, env=run.env,
-                         capture_output=True, text=True)
+    rep = subprocess.run(
+        [sys.executable, "report.py", str(out), "--out", str(out / "report")],
+        cwd=ROOT,
+        env=run.env,
+        capture_output=True,
+        text=True,
+    )
     run.say("report.py: " + ("ok" if rep.returncode == 0 else f"failed: {rep.stderr.strip()[-300:]}"))
     png = plot(out, stems, results)
-    summary = {"what": "sslvit on CIFAR-10: pretrained vs random-init (linear probe, best layer) and pretrained vs "
-                       "from-scratch fine-tuning (same recipe and budget); top-1 in % on the whole test split",
-               "total_wall_s": round(run.elapsed(), 1), "entries": entries}
+    summary = {
+        "what": "sslvit on CIFAR-10: pretrained vs random-init (linear probe, best layer) and pretrained vs "
+        "from-scratch fine-tuning (same recipe and budget); top-1 in % on the whole test split",
+        "total_wall_s": round(run.elapsed(), 1),
+        "entries": entries,
+    }
     (out / "evidence.json").write_text(json.dumps(summary, indent=2) + "\n")
     for e in entries:
-        run.say(f"{e['stem']}: probe {e['probe_pretrained']} vs random init {e['probe_random_init']} "
-                f"(gain {e.get('probe_gain')}); fine-tune {e['finetune_pretrained']} vs scratch "
-                f"{e['finetune_scratch']} (gain {e.get('finetune_gain')}); masked tokens {e['masked_token_accuracy']}"
-                f" vs chance {e['masked_token_chance']}; digits {e['transfer']['probe_pretrained']} vs "
-                f"{e['transfer']['probe_random_init']}")
+        run.say(
+            f"{e['stem']}: probe {e['probe_pretrained']} vs random init {e['probe_random_init']} "
+            f"(gain {e.get('probe_gain')}); fine-tune {e['finetune_pretrained']} vs scratch "
+            f"{e['finetune_scratch']} (gain {e.get('finetune_gain')}); masked tokens {e['masked_token_accuracy']}"
+            f" vs chance {e['masked_token_chance']}; digits {e['transfer']['probe_pretrained']} vs "
+            f"{e['transfer']['probe_random_init']}"
+        )
     run.say(f"total {run.elapsed():.0f} s; results {out / 'evidence.json'}")
     if args.summary:
         dest = Path(args.summary)

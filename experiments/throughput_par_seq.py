@@ -18,8 +18,7 @@ import os
 import statistics
 import time
 
-
-from sslvit.runtime import keep_host_memory  # noqa: E402
+from sslvit.runtime import keep_host_memory
 
 keep_host_memory()  # as the training scripts, before JAX starts
 
@@ -32,16 +31,31 @@ from sslvit.models.build import build_vit, from_flat  # noqa: E402
 
 def make_steps(depth: int, branches: int, args) -> tuple:
     """(train step, inference fn, params, batch_stats) of one classifier ViT."""
-    cfg = dict(image_size=32, patch_size=4, dim=args.dim, depth=depth, num_parallel_branches=branches,
-               heads=args.heads, mlp_dim=args.mlp, stem=args.stem, layer_scale_init=0.1, drop_path=0.0)
+    cfg = dict(
+        image_size=32,
+        patch_size=4,
+        dim=args.dim,
+        depth=depth,
+        num_parallel_branches=branches,
+        heads=args.heads,
+        mlp_dim=args.mlp,
+        stem=args.stem,
+        layer_scale_init=0.1,
+        drop_path=0.0,
+    )
     model = build_vit(from_flat(cfg), num_classes=10)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     params, stats = variables["params"], variables.get("batch_stats", {})
     tx = optax.adamw(1e-3)
 
     def loss(p, s, x, y):
-        logits, upd = model.apply({"params": p, "batch_stats": s}, x, train=True, mutable=["batch_stats"],
-                                 rngs={"dropout": jax.random.key(2), "emb_dropout": jax.random.key(3)})
+        logits, upd = model.apply(
+            {"params": p, "batch_stats": s},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.key(2), "emb_dropout": jax.random.key(3)},
+        )
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd["batch_stats"]
 
     @jax.jit
@@ -109,11 +123,20 @@ def main() -> None:
         return {m: round(r[par][m] / r[seq][m], 3) for m in r[par]}
 
     params = sum(int(a.size) for a in jax.tree.leaves(built[next(iter(built))][2]))
-    out = {"device": str(jax.devices()[0]), "jax": jax.__version__, "params": params, "batch": args.batch,
-           "rounds": args.rounds, "load_avg_1min": round(os.getloadavg()[0], 1),
-           "images_per_sec_median": res, "images_per_sec_best": best, "images_per_cpu_sec_median": per_cpu,
-           "ratio_parallel_over_sequential": ratio(res), "ratio_best_wall": ratio(best),
-           "ratio_cpu_time": ratio(per_cpu)}
+    out = {
+        "device": str(jax.devices()[0]),
+        "jax": jax.__version__,
+        "params": params,
+        "batch": args.batch,
+        "rounds": args.rounds,
+        "load_avg_1min": round(os.getloadavg()[0], 1),
+        "images_per_sec_median": res,
+        "images_per_sec_best": best,
+        "images_per_cpu_sec_median": per_cpu,
+        "ratio_parallel_over_sequential": ratio(res),
+        "ratio_best_wall": ratio(best),
+        "ratio_cpu_time": ratio(per_cpu),
+    }
     print(json.dumps(out, indent=2))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -36,7 +36,7 @@ CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 def spatial_features(model, layers, pool: str):
     """(variables, images) -> (L, B, F): `grid2x2`, the mean patch token of each quarter of the image (4 x dim), or
     `tokens`, every patch token (N x dim): poolings that keep where things are."""
-    import jax.numpy as jnp  # noqa: PLC0415
+    import jax.numpy as jnp
 
     index = np.asarray(layers, np.int32) - 1
     gh, gw = model.grid_size
@@ -61,18 +61,30 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
+    import jax
+    import jax.numpy as jnp
 
-    from sslvit import data as data_lib  # noqa: PLC0415
-    from sslvit.config.groups import ProbeOptions  # noqa: PLC0415
-    from sslvit.models import build_vit  # noqa: PLC0415
-    from sslvit.probe import (LinearProbe, extract_features, make_feature_fn, probe_accuracy,  # noqa: PLC0415
-                              standardize, train_linear_probes)
-    from sslvit.train import make_mesh  # noqa: PLC0415
+    from sslvit import data as data_lib
+    from sslvit.config.groups import ProbeOptions
+    from sslvit.models import build_vit
+    from sslvit.probe import (
+        LinearProbe,
+        extract_features,
+        make_feature_fn,
+        probe_accuracy,
+        standardize,
+        train_linear_probes,
+    )
+    from sslvit.train import make_mesh
 
-    dc = {"name": "transfer", "source": "arrays", "path": args.data, "num_classes": None, "mean": CIFAR_MEAN,
-          "std": CIFAR_STD}
+    dc = {
+        "name": "transfer",
+        "source": "arrays",
+        "path": args.data,
+        "num_classes": None,
+        "mean": CIFAR_MEAN,
+        "std": CIFAR_STD,
+    }
     opts = ProbeOptions.parse({"epochs": args.epochs})
     mesh = make_mesh()
     info = data_lib.dataset_info(dc)
@@ -93,15 +105,27 @@ def main() -> int:
     rows = {}
     stage = None
     for random_init in (False, True):
-        stage = LinearProbe({"run": args.run, "data": dc, "random_init": random_init, "pool": "cls+mean",
-                             "batch_size": 256, "progress": False}, None)
+        stage = LinearProbe(
+            {
+                "run": args.run,
+                "data": dc,
+                "random_init": random_init,
+                "pool": "cls+mean",
+                "batch_size": 256,
+                "progress": False,
+            },
+            None,
+        )
         layers = list(range(1, stage.model.depth + 1))
         variables = stage.variables()
         who = "random init" if random_init else "pretrained"
 
         def features(pool, v):
-            fn = make_feature_fn(stage.model, layers, pool) if pool in ("cls", "mean", "cls+mean") else \
-                spatial_features(stage.model, layers, pool)
+            fn = (
+                make_feature_fn(stage.model, layers, pool)
+                if pool in ("cls", "mean", "cls+mean")
+                else spatial_features(stage.model, layers, pool)
+            )
             out = []
             for split in (info.train_split, info.test_split):
                 it = data_lib.make_eval_iterator(dc, split, batch_size=256, image_size=stage.image_size)
@@ -134,16 +158,20 @@ def main() -> int:
     w = np.random.default_rng(0).normal(size=(ptr.shape[-1], width)).astype(np.float32) / np.sqrt(ptr.shape[-1])
     rows[f"random projection of the pixels to {width} dims"] = probe(ptr @ w, ytr, pte @ w, yte)
 
-    print(f"\ntransfer set {args.data}: {info.num_train} train / {info.num_test} test, {info.num_classes} classes; "
-          f"encoder {args.run} ({stage.model.depth} layers, dim {stage.model.dim}); linear probe top-1 %, per layer")
+    print(
+        f"\ntransfer set {args.data}: {info.num_train} train / {info.num_test} test, {info.num_classes} classes; "
+        f"encoder {args.run} ({stage.model.depth} layers, dim {stage.model.dim}); linear probe top-1 %, per layer"
+    )
     print(f"| features | {' | '.join(f'layer {i}' for i in range(1, stage.model.depth + 1))} | best |")
     print("|---|" + "---:|" * (stage.model.depth + 1))
     for name, acc in rows.items():
         cells = acc + [""] * (stage.model.depth - len(acc)) if len(acc) > 1 else [""] * stage.model.depth
         print(f"| {name} | {' | '.join(str(c) for c in cells)} | {max(acc)} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"run": args.run, "data": args.data, "epochs": args.epochs,
-                                               "top1_per_layer": rows}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"run": args.run, "data": args.data, "epochs": args.epochs, "top1_per_layer": rows}, indent=2)
+            + "\n"
+        )
     return 0
 
 

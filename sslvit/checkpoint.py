@@ -55,8 +55,11 @@ def _quiet_closed_loop_noise() -> None:
 
     def hook(unraisable):
         exc = unraisable.exc_value
-        if (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-                and any(f.name == "call_soon_threadsafe" for f in traceback.extract_tb(exc.__traceback__))):
+        if (
+            isinstance(exc, RuntimeError)
+            and str(exc) == "Event loop is closed"
+            and any(f.name == "call_soon_threadsafe" for f in traceback.extract_tb(exc.__traceback__))
+        ):
             return
         previous(unraisable)
 
@@ -99,8 +102,9 @@ def _brief(e: BaseException) -> str:
 
 
 def _no_checkpoint(directory: epath.Path, why: str) -> ConfigError:
-    return ConfigError(f"no checkpoint in {directory}: {why}; run pretrain.py first or pass the run dir of a "
-                       f"finished run")
+    return ConfigError(
+        f"no checkpoint in {directory}: {why}; run pretrain.py first or pass the run dir of a finished run"
+    )
 
 
 def _first_usable(directory: epath.Path, steps: list[int], step: int | None, load: Callable[[int], T]) -> tuple[int, T]:
@@ -113,16 +117,21 @@ def _first_usable(directory: epath.Path, steps: list[int], step: int | None, loa
         raise _no_checkpoint(directory, why)
     if step is not None:
         if step not in steps:
-            raise ConfigError(f"no checkpoint for step {step} in {directory}: it holds steps {steps}; pass one of "
-                              f"those, or step=null for the latest")
+            raise ConfigError(
+                f"no checkpoint for step {step} in {directory}: it holds steps {steps}; pass one of "
+                f"those, or step=null for the latest"
+            )
         try:
             return step, load(step)
         except ConfigError:
             raise
-        except Exception as e:  # noqa: BLE001 - any read failure of a finalized step means damage
+        except Exception as e:
             usable = _latest_loading([s for s in steps if s != step], load)
-            fix = (f"pass step={usable} (the latest usable one) or step=null" if usable is not None
-                   else f"no other step ({[s for s in steps if s != step]}) is usable either: restore an intact copy")
+            fix = (
+                f"pass step={usable} (the latest usable one) or step=null"
+                if usable is not None
+                else f"no other step ({[s for s in steps if s != step]}) is usable either: restore an intact copy"
+            )
             raise ConfigError(f"checkpoint {directory / str(step)} is damaged ({_brief(e)}); {fix}") from e
     candidates = sorted(steps, reverse=True)
     first_error = None
@@ -131,12 +140,14 @@ def _first_usable(directory: epath.Path, steps: list[int], step: int | None, loa
             return s, load(s)
         except ConfigError:
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             first_error = first_error or e
             nxt = f"falling back to step {candidates[i + 1]}" if i + 1 < len(candidates) else "no older one left"
             log.warning("checkpoint %s is damaged (%s); %s", directory / str(s), _brief(e), nxt)
-    raise ConfigError(f"no usable checkpoint in {directory}: all of steps {steps} are damaged (latest: "
-                      f"{_brief(first_error)}); restore an intact copy or start a new run") from first_error
+    raise ConfigError(
+        f"no usable checkpoint in {directory}: all of steps {steps} are damaged (latest: "
+        f"{_brief(first_error)}); restore an intact copy or start a new run"
+    ) from first_error
 
 
 def _latest_loading(steps: list[int], load: Callable[[int], Any]) -> int | None:
@@ -145,7 +156,7 @@ def _latest_loading(steps: list[int], load: Callable[[int], Any]) -> int | None:
         try:
             load(s)
             return s
-        except Exception:  # noqa: BLE001 - damaged (or another model): not a suggestion
+        except Exception:
             continue
     return None
 
@@ -174,13 +185,18 @@ def _check_same_tree(directory: epath.Path, stored, target) -> None:
             problems.append(f"{path} (expected shape {_leaf_shape(leaf)}) is missing from the checkpoint")
         elif tuple(have[path].shape) != _leaf_shape(leaf):
             problems.append(f"{path} has shape {tuple(have[path].shape)} but the model expects {_leaf_shape(leaf)}")
-    problems += [f"the checkpoint has {p} (shape {tuple(have[p].shape)}), which the model does not"
-                 for p in have if p not in want]
+    problems += [
+        f"the checkpoint has {p} (shape {tuple(have[p].shape)}), which the model does not"
+        for p in have
+        if p not in want
+    ]
     if problems:
         more = f" (and {len(problems) - 1} more differences)" if len(problems) > 1 else ""
-        raise ConfigError(f"checkpoint in {directory} holds a different model: {problems[0]}{more}; build the model "
-                          f"from the config saved with the checkpoint (Checkpointer.restore_meta) or point to a run "
-                          f"of this model")
+        raise ConfigError(
+            f"checkpoint in {directory} holds a different model: {problems[0]}{more}; build the model "
+            f"from the config saved with the checkpoint (Checkpointer.restore_meta) or point to a run "
+            f"of this model"
+        )
 
 
 class Checkpointer:
@@ -190,16 +206,27 @@ class Checkpointer:
     process is still training into.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, save_interval_steps: int = 1,
-                 async_save: bool = True):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None = 3,
+        save_interval_steps: int = 1,
+        async_save: bool = True,
+    ):
         if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
             raise ConfigError(f"max_to_keep={max_to_keep!r} must be an integer >= 1 (or None to keep all)")
         if not isinstance(save_interval_steps, int) or save_interval_steps < 1:
             raise ConfigError(f"save_interval_steps={save_interval_steps!r} must be an integer >= 1")
         self.directory = _abs_path(directory)
         self.restored_step: int | None = None  # the step the last restore() loaded (after any fallback)
-        self._mgr = _manager(self.directory, ocp.StandardCheckpointHandler(), max_to_keep=max_to_keep,
-                             save_interval_steps=save_interval_steps, enable_async_checkpointing=async_save)
+        self._mgr = _manager(
+            self.directory,
+            ocp.StandardCheckpointHandler(),
+            max_to_keep=max_to_keep,
+            save_interval_steps=save_interval_steps,
+            enable_async_checkpointing=async_save,
+        )
         self._damaged: set[int] = set()  # steps restore() found unreadable: a new save of that step replaces them
 
     # -- writing -------------------------------------------------------------------------------------------
@@ -273,8 +300,9 @@ class Checkpointer:
             if stored is None:
                 raise FileNotFoundError(f"state metadata of step {s} is missing")
             _check_same_tree(self.directory, stored.tree, abstract)
-            out = self._mgr.restore(s, args=ocp.args.Composite(**{
-                STATE: ocp.args.StandardRestore(abstract), META: ocp.args.JsonRestore()}))
+            out = self._mgr.restore(
+                s, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract), META: ocp.args.JsonRestore()})
+            )
             return out[STATE], dict(out[META] or {})
 
         steps = self.all_steps()
@@ -284,8 +312,10 @@ class Checkpointer:
 
     def restore_meta(self, step: int | None = None) -> dict:
         """Only the meta dict of ``step`` (None: the latest readable one); cheap, needs no template."""
+
         def load(s: int) -> dict:
             return dict(self._mgr.restore(s, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META] or {})
+
         return self._load(self.all_steps(), step, load)[1]
 
     def _load(self, steps: list[int], step: int | None, load: Callable[[int], T]) -> tuple[int, T]:
@@ -297,11 +327,13 @@ class Checkpointer:
             except Exception:
                 self._damaged.add(s)
                 raise
+
         return _first_usable(self.directory, steps, step, tracked)
 
 
-def load_params(directory: str | os.PathLike, step: int | None = None, *,
-                subtree: str | None = "params") -> tuple[Any, dict]:
+def load_params(
+    directory: str | os.PathLike, step: int | None = None, *, subtree: str | None = "params"
+) -> tuple[Any, dict]:
     """``(tree, meta)`` from a checkpoint, without a template: nested dicts/lists of numpy arrays.
 
     ``directory`` is a checkpoint dir or a run dir holding ``checkpoints/``; ``step=None`` takes the latest usable
@@ -315,9 +347,13 @@ def load_params(directory: str | os.PathLike, step: int | None = None, *,
     return trees[subtree], meta
 
 
-def load_checkpoint(directory: str | os.PathLike, step: int | None = None, *,
-                    subtrees: tuple[str, ...] | None = ("params",),
-                    optional: tuple[str, ...] = ()) -> tuple[int, dict, dict]:
+def load_checkpoint(
+    directory: str | os.PathLike,
+    step: int | None = None,
+    *,
+    subtrees: tuple[str, ...] | None = ("params",),
+    optional: tuple[str, ...] = (),
+) -> tuple[int, dict, dict]:
     """``(step, {name: tree}, meta)`` of one checkpoint, read in one pass without a template (numpy arrays).
 
     ``step=None`` takes the latest usable step, falling back past damaged ones; the step returned is the one read,
@@ -328,6 +364,7 @@ def load_checkpoint(directory: str | os.PathLike, step: int | None = None, *,
     path = find_checkpoint_dir(directory)
     mgr = _manager(path, ocp.PyTreeCheckpointHandler())
     try:
+
         def load(s: int):
             stored = mgr.item_metadata(s)[STATE]
             if stored is None:
@@ -337,13 +374,21 @@ def load_checkpoint(directory: str | os.PathLike, step: int | None = None, *,
                 keys = sorted(tree) if isinstance(tree, Mapping) else []
                 for name in subtrees:
                     if name not in keys:
-                        raise ConfigError(f"checkpoint {path / str(s)} has no '{name}' in its state (it has {keys}); "
-                                          f"pass subtree= one of those, or subtree=None for the whole state")
+                        raise ConfigError(
+                            f"checkpoint {path / str(s)} has no '{name}' in its state (it has {keys}); "
+                            f"pass subtree= one of those, or subtree=None for the whole state"
+                        )
                 tree = {name: tree[name] for name in (*subtrees, *optional) if name in keys}
             restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-            out = mgr.restore(s, args=ocp.args.Composite(**{
-                STATE: ocp.args.PyTreeRestore(item=tree, restore_args=restore_args, partial_restore=True),
-                META: ocp.args.JsonRestore()}))
+            out = mgr.restore(
+                s,
+                args=ocp.args.Composite(
+                    **{
+                        STATE: ocp.args.PyTreeRestore(item=tree, restore_args=restore_args, partial_restore=True),
+                        META: ocp.args.JsonRestore(),
+                    }
+                ),
+            )
             return dict(out[STATE]), dict(out[META] or {})
 
         s, (trees, meta) = _first_usable(path, sorted(mgr.all_steps()), step, load)

@@ -42,8 +42,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from sslvit import rundir, runtime, signals
-from sslvit.paths import check_dir
 from sslvit.errors import ConfigError
+from sslvit.paths import check_dir
 
 # The scripts import this module before JAX: the host allocator setting must precede JAX's threads.
 runtime.keep_host_memory()
@@ -106,9 +106,14 @@ def _hold_hydra_records(cfg, run_dir: Path) -> None:
     if hydra_cfg is None or hydra_cfg.hydra.output_subdir is not None:
         return  # Hydra writes them itself
     sub = rundir.HYDRA_SUBDIR
-    rundir.hold_records(run_dir, {f"{sub}/config.yaml": OmegaConf.to_yaml(cfg),
-                                  f"{sub}/hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
-                                  f"{sub}/overrides.yaml": OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task)})
+    rundir.hold_records(
+        run_dir,
+        {
+            f"{sub}/config.yaml": OmegaConf.to_yaml(cfg),
+            f"{sub}/hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
+            f"{sub}/overrides.yaml": OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task),
+        },
+    )
 
 
 # Libraries' start-up notices that are not this project's output (JAX looking for a TPU on a CPU machine, absl).
@@ -129,8 +134,9 @@ def quiet_start_up_notices() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def describe_failure(e: BaseException, run_dir: Path | None, *, multirun: bool = False,
-                     resumable: bool = True) -> tuple[int, str]:
+def describe_failure(
+    e: BaseException, run_dir: Path | None, *, multirun: bool = False, resumable: bool = True
+) -> tuple[int, str]:
     """(exit status, the one line to print) for an exception out of a stage. `resumable`: the script has `resume`
     (the probe and visualize are rerun instead); `run_dir` None: the failure came before there was one."""
     if isinstance(e, ConfigError):
@@ -138,19 +144,31 @@ def describe_failure(e: BaseException, run_dir: Path | None, *, multirun: bool =
     where = _sweep_dir() if multirun else run_dir
     if isinstance(e, signals.Interrupted):
         steps = rundir.RunDir(run_dir, "").checkpoint_steps() if run_dir is not None else []
-        how = ("it stopped at once, without saving the step it was in" if e.at_once
-               else "it stopped with nothing half-written")
-        saved = (f"; its latest checkpoint is step {steps[-1]} in {run_dir / rundir.CHECKPOINT_SUBDIR}" if steps
-                 else "; no checkpoint was saved yet" if resumable and run_dir is not None else "")
-        return EXIT_PREEMPTED, (f"preempted: {e.name} during the {e.where}; {how}{saved}; continue with: "
-                                f"{resume_command(where, multirun=multirun, resumable=resumable)}")
+        how = (
+            "it stopped at once, without saving the step it was in"
+            if e.at_once
+            else "it stopped with nothing half-written"
+        )
+        saved = (
+            f"; its latest checkpoint is step {steps[-1]} in {run_dir / rundir.CHECKPOINT_SUBDIR}"
+            if steps
+            else "; no checkpoint was saved yet"
+            if resumable and run_dir is not None
+            else ""
+        )
+        return EXIT_PREEMPTED, (
+            f"preempted: {e.name} during the {e.where}; {how}{saved}; continue with: "
+            f"{resume_command(where, multirun=multirun, resumable=resumable)}"
+        )
     from sslvit.train import NonFiniteError, Preempted  # noqa: PLC0415  (imports jax: only once it is needed)
 
     if isinstance(e, NonFiniteError):
         return EXIT_NONFINITE, f"error: {e}"
     if isinstance(e, Preempted):
-        return EXIT_PREEMPTED, (f"preempted: stopped at step {e.step} and saved a checkpoint in {run_dir}; continue "
-                                f"with: {resume_command(where, multirun=multirun)}")
+        return EXIT_PREEMPTED, (
+            f"preempted: stopped at step {e.step} and saved a checkpoint in {run_dir}; continue "
+            f"with: {resume_command(where, multirun=multirun)}"
+        )
     first = (str(e).strip().splitlines() or [""])[0]
     return EXIT_ERROR, f"{type(e).__name__}: {first}"
 
@@ -187,12 +205,18 @@ def _run_sweep_job(fn, cfg, run_dir: Path, resumable: bool = True):
     from hydra.core.hydra_config import HydraConfig  # noqa: PLC0415
 
     hc = HydraConfig.get()
-    row = {"job": int(hc.job.num), "overrides": [str(o) for o in hc.overrides.task], "status": "ok", "error": None,
-           "dir": str(run_dir), "results": None}
+    row = {
+        "job": int(hc.job.num),
+        "overrides": [str(o) for o in hc.overrides.task],
+        "status": "ok",
+        "error": None,
+        "dir": str(run_dir),
+        "results": None,
+    }
     t0 = time.time()
     try:
         result = fn(cfg, run_dir)
-    except (Exception, signals.Interrupted) as e:  # noqa: BLE001 - a sweep records every job's failure and goes on
+    except (Exception, signals.Interrupted) as e:
         code, line = describe_failure(e, run_dir, multirun=True, resumable=resumable)
         row.update(status="preempted" if code == EXIT_PREEMPTED else "failed", error=line.removeprefix("error: "))
         if code == EXIT_PREEMPTED:
@@ -243,14 +267,23 @@ class SweepSummary(Callback):
         sweep_dir = _sweep_dir(config.hydra)
         rows = read_summary(sweep_dir)
         failed = [r for r in rows if r["status"] != "ok"]
-        log.info("sweep %s: %d jobs, %d ok, %d failed; summary in %s", sweep_dir, len(rows), len(rows) - len(failed),
-                 len(failed), sweep_dir / SUMMARY_FILE)
+        log.info(
+            "sweep %s: %d jobs, %d ok, %d failed; summary in %s",
+            sweep_dir,
+            len(rows),
+            len(rows) - len(failed),
+            len(failed),
+            sweep_dir / SUMMARY_FILE,
+        )
         for r in failed:
             log.error("job %d (%s) failed: %s", r["job"], " ".join(r["overrides"]), r["error"])
         if failed:
             first = failed[0]
-            print(f"error: {len(failed)} of {len(rows)} sweep jobs failed, e.g. job {first['job']}: {first['error']}; "
-                  f"see {sweep_dir / SUMMARY_FILE} and each job's {ERROR_FILE}", file=sys.stderr)
+            print(
+                f"error: {len(failed)} of {len(rows)} sweep jobs failed, e.g. job {first['job']}: {first['error']}; "
+                f"see {sweep_dir / SUMMARY_FILE} and each job's {ERROR_FILE}",
+                file=sys.stderr,
+            )
             sys.exit(EXIT_ERROR)
 
 
@@ -312,8 +345,11 @@ def check_command_line(conf_dir: Path, config_name: str, argv: list[str] | None 
     from hydra._internal.utils import get_args_parser  # noqa: PLC0415
 
     parser = get_args_parser()
-    parser.error = lambda message: _refuse(ConfigError(  # argparse's usage text would be a screenful
-        f"{message}: options such as -m and --cfg go before the key=value overrides (see --help)"))
+    parser.error = lambda message: _refuse(
+        ConfigError(  # argparse's usage text would be a screenful
+            f"{message}: options such as -m and --cfg go before the key=value overrides (see --help)"
+        )
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if any(getattr(args, flag, None) for flag in _NO_JOB_FLAGS) or args.config_path or args.config_dir:
         return  # --help, --cfg job, ...: Hydra's alone; another config dir: Hydra composes it
@@ -333,14 +369,17 @@ def _variants(overrides: list[str], multirun: bool) -> list[list[str]]:
         return [overrides]
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception:  # noqa: BLE001 - a syntax error: compose reports it
+    except Exception:
         return [overrides]
     values: list[list[str]] = []
     for o in parsed:
         try:
-            values.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
-                          if o.is_sweep_override() else [o.input_line])
-        except Exception:  # noqa: BLE001 - a sweep that only its sweeper expands (e.g. interval()): leave it out
+            values.append(
+                [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+                if o.is_sweep_override()
+                else [o.input_line]
+            )
+        except Exception:
             values.append([])
     base = [v[0] for v in values if v]
     out = [base]
@@ -367,9 +406,12 @@ def compose_problem(conf_dir: Path, config_name: str, overrides: list[str]) -> s
         return _first_line(e)
     except OverrideParseException as e:
         bad = next((o for o in overrides if _unparsable(o)), None)
-        return (f"{bad} is not a valid override ({_first_line(e)}): write key=value" if bad
-                else f"bad override: {_first_line(e)}")
-    except Exception as e:  # noqa: BLE001 - anything else Hydra rejects: its first line, with the keys if we know them
+        return (
+            f"{bad} is not a valid override ({_first_line(e)}): write key=value"
+            if bad
+            else f"bad override: {_first_line(e)}"
+        )
+    except Exception as e:
         text = str(e)
         if text.startswith("Could not override '"):
             return _unknown_key(conf_dir, config_name, overrides, text.split("'")[1])
@@ -385,7 +427,7 @@ def _unknown_key(conf_dir: Path, config_name: str, overrides: list[str], dotted:
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3", job_name=config_name):
             cfg = compose(config_name, overrides=rest, return_hydra_config=dotted.startswith("hydra."))
-    except Exception:  # noqa: BLE001 - the rest does not compose either: name the key alone
+    except Exception:
         return f"{dotted} is not a key of this config"
     parts = dotted.split(".")
     for i in range(len(parts) - 1, -1, -1):
@@ -403,7 +445,7 @@ def _unparsable(override: str) -> bool:
     try:
         OverridesParser.create().parse_overrides([override])
         return False
-    except Exception:  # noqa: BLE001
+    except Exception:
         return True
 
 

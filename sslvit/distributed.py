@@ -35,8 +35,11 @@ from sslvit.errors import ConfigError
 log = logging.getLogger(__name__)
 
 KEYS = ("enabled", "coordinator_address", "num_processes", "process_id", "initialization_timeout")
-ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
-       "process_id": "JAX_PROCESS_ID"}
+ENV = {
+    "coordinator_address": "JAX_COORDINATOR_ADDRESS",
+    "num_processes": "JAX_NUM_PROCESSES",
+    "process_id": "JAX_PROCESS_ID",
+}
 
 
 def _env_int(value: str, key: str, minimum: int) -> int:
@@ -73,16 +76,19 @@ def resolve(cfg: Any = None, environ: Mapping[str, str] = os.environ) -> Optiona
         missing = [k for k in ENV if k not in explicit]
         if missing:
             names = [f"distributed.{k}" if source == "distributed" else ENV[k] for k in missing]
-            raise ConfigError(f"multi-process setup is incomplete: {', '.join(names)} not set; set all of "
-                              f"coordinator_address (host:port of process 0), num_processes and process_id")
+            raise ConfigError(
+                f"multi-process setup is incomplete: {', '.join(names)} not set; set all of "
+                f"coordinator_address (host:port of process 0), num_processes and process_id"
+            )
         n = _env_int(explicit["num_processes"], f"{source}.num_processes", 1)
         pid = _env_int(explicit["process_id"], f"{source}.process_id", 0)
         if pid >= n:
             raise ConfigError(f"{source}.process_id={pid} must be < num_processes={n}")
         addr = str(explicit["coordinator_address"])
         if ":" not in addr:
-            raise ConfigError(f"{source}.coordinator_address={addr!r} must be host:port of process 0, "
-                              f"e.g. 10.0.0.1:12345")
+            raise ConfigError(
+                f"{source}.coordinator_address={addr!r} must be host:port of process 0, e.g. 10.0.0.1:12345"
+            )
         if n == 1:
             return None
         return dict(kw, coordinator_address=addr, num_processes=n, process_id=pid)
@@ -90,8 +96,10 @@ def resolve(cfg: Any = None, environ: Mapping[str, str] = os.environ) -> Optiona
     if slurm_num_tasks(environ) > 1:
         return kw  # JAX's SLURM detection fills in the rest
     if c.enabled is True:
-        raise ConfigError("distributed.enabled=true but no cluster found: set distributed.coordinator_address, "
-                          "num_processes and process_id, or launch with srun (SLURM_NTASKS > 1)")
+        raise ConfigError(
+            "distributed.enabled=true but no cluster found: set distributed.coordinator_address, "
+            "num_processes and process_id, or launch with srun (SLURM_NTASKS > 1)"
+        )
     return None
 
 
@@ -132,9 +140,13 @@ def maybe_initialize(cfg: Any = None) -> bool:
 
     def watchdog():
         if not joined.wait(timeout):
-            print(f"error: distributed start-up: not all processes joined the coordinator at {address} within "
-                  f"{timeout} s (distributed.initialization_timeout): start every process (num_processes), check "
-                  f"that they reach that address, or raise the timeout", file=sys.stderr, flush=True)
+            print(
+                f"error: distributed start-up: not all processes joined the coordinator at {address} within "
+                f"{timeout} s (distributed.initialization_timeout): start every process (num_processes), check "
+                f"that they reach that address, or raise the timeout",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(2)  # the main thread is inside JAX's C++ connect; this is the only way out before its abort
 
     threading.Thread(target=watchdog, name="distributed-start-watchdog", daemon=True).start()
@@ -144,8 +156,12 @@ def maybe_initialize(cfg: Any = None) -> bool:
         joined.set()
     if jax.process_index() != 0:
         quiet_non_main_process()
-    log.info("distributed: %d processes, %d devices (%d local)", jax.process_count(), jax.device_count(),
-             jax.local_device_count())
+    log.info(
+        "distributed: %d processes, %d devices (%d local)",
+        jax.process_count(),
+        jax.device_count(),
+        jax.local_device_count(),
+    )
     return True
 
 

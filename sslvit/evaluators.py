@@ -29,8 +29,20 @@ class MaskedPatchEvaluator:
 
     `model` is the masked image model, `target` the pretraining target, `consts` its state (the codebook)."""
 
-    def __init__(self, model, target, consts, sampler, batches: Callable[[], Iterable[dict]], *, mesh, seed: int,
-                 local_batch_size: int, max_batches: int | None, prefix: str = "test_"):
+    def __init__(
+        self,
+        model,
+        target,
+        consts,
+        sampler,
+        batches: Callable[[], Iterable[dict]],
+        *,
+        mesh,
+        seed: int,
+        local_batch_size: int,
+        max_batches: int | None,
+        prefix: str = "test_",
+    ):
         self.model, self.target, self.consts, self.sampler = model, target, consts, sampler
         self.batches, self.mesh, self.seed = batches, mesh, seed
         self.local_batch_size, self.max_batches, self.prefix = local_batch_size, max_batches, prefix
@@ -66,8 +78,9 @@ class MaskedPatchEvaluator:
 class Top1Evaluator:
     """Top-1 of a classifier on a labelled split: every example counted once (padding rows masked out)."""
 
-    def __init__(self, model, batches: Callable[[], Iterable[dict]], *, mesh, max_batches: int | None,
-                 prefix: str = "test_"):
+    def __init__(
+        self, model, batches: Callable[[], Iterable[dict]], *, mesh, max_batches: int | None, prefix: str = "test_"
+    ):
         self.batches, self.mesh, self.max_batches, self.prefix = batches, mesh, max_batches, prefix
 
         def count(variables, batch):
@@ -101,9 +114,22 @@ class KnnMonitor:
     shard of both splits; the features come back to every process), then each process runs the small k-NN. `variables`
     maps the train state to the encoder's variables. `latest` holds the last values, `seconds` the time spent."""
 
-    def __init__(self, feature_fn, variables: Callable, bank: Callable[[], Iterable[dict]],
-                 queries: Callable[[], Iterable[dict]], *, mesh, global_batch: int, num_train: int, num_test: int,
-                 num_classes: int, k: int, temperature: float, prefix: str = "monitor/"):
+    def __init__(
+        self,
+        feature_fn,
+        variables: Callable,
+        bank: Callable[[], Iterable[dict]],
+        queries: Callable[[], Iterable[dict]],
+        *,
+        mesh,
+        global_batch: int,
+        num_train: int,
+        num_test: int,
+        num_classes: int,
+        k: int,
+        temperature: float,
+        prefix: str = "monitor/",
+    ):
         from sslvit.probe.features import feature_step  # noqa: PLC0415  (the probe package imports the stages)
 
         self.feature_fn, self.variables, self.bank, self.queries, self.mesh = feature_fn, variables, bank, queries, mesh

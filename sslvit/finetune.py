@@ -30,8 +30,7 @@ from sslvit.evaluators import Top1Evaluator
 from sslvit.finetune_modes import make_mode, partition
 from sslvit.mixup import mix_batch, smooth_one_hot
 from sslvit.models import build_vit
-from sslvit.pretrained import (TrainedEncoder, load_batch_stats, load_encoder, load_into, resolve_encoder,
-                               touched_keys)
+from sslvit.pretrained import TrainedEncoder, load_batch_stats, load_encoder, load_into, resolve_encoder, touched_keys
 from sslvit.stage import TrainingStage, count_params
 
 log = logging.getLogger(__name__)
@@ -78,12 +77,16 @@ class Finetuning(TrainingStage):
         size = self.ft.image_size if self.ft.image_size is not None else model["image_size"]
         patch = model["patch_size"]
         if isinstance(size, (list, tuple)) or size % patch:
-            raise ConfigError(f"finetune.image_size={size} is not divisible by the patch size {patch}: use a "
-                              f"multiple of {patch}, e.g. {patch * max(1, round(_side(size) / patch))}")
+            raise ConfigError(
+                f"finetune.image_size={size} is not divisible by the patch size {patch}: use a "
+                f"multiple of {patch}, e.g. {patch * max(1, round(_side(size) / patch))}"
+            )
         self.image_size = int(size)
         self.num_classes = self.data_cfg.num_classes or data_lib.dataset_info(self.data_cfg).num_classes
-        self.encoder_cfg = {"model": dict(model, image_size=self.image_size, drop_path=self.ft.drop_path),
-                            "stem": base["stem"]}
+        self.encoder_cfg = {
+            "model": dict(model, image_size=self.image_size, drop_path=self.ft.drop_path),
+            "stem": base["stem"],
+        }
         self.model = build_vit(self.encoder_cfg, num_classes=self.num_classes)
         self.layer_decay_depth = self.model.depth
 
@@ -105,10 +108,19 @@ class Finetuning(TrainingStage):
             return params, stats
         where = str(self.trained.run_dir)
         src = self.source_image_size
-        old = (src // self.model.patch_size,) * 2 if not isinstance(src, (list, tuple)) else \
-            tuple(s // self.model.patch_size for s in src)
-        params = load_into(params, self.trained.params, old_grid=old, new_grid=self.model.grid_size, where=where,
-                           keep_head=self.trained.stage == "finetune")
+        old = (
+            (src // self.model.patch_size,) * 2
+            if not isinstance(src, (list, tuple))
+            else tuple(s // self.model.patch_size for s in src)
+        )
+        params = load_into(
+            params,
+            self.trained.params,
+            old_grid=old,
+            new_grid=self.model.grid_size,
+            where=where,
+            keep_head=self.trained.stage == "finetune",
+        )
         stats = load_batch_stats(stats, self.trained.batch_stats, where) if stats else {}
         return jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, stats)
 
@@ -126,14 +138,21 @@ class Finetuning(TrainingStage):
         del consts
         k_mix, k_drop, k_emb = jax.random.split(rng, 3)
         targets = smooth_one_hot(batch["label"], self.num_classes, self.ft.label_smoothing)
-        images, targets = mix_batch(k_mix, batch["image"], targets, mixup_alpha=self.ft.mixup_alpha,
-                                    cutmix_alpha=self.ft.cutmix_alpha, mix_prob=self.ft.mix_prob,
-                                    switch_prob=self.ft.switch_prob)
+        images, targets = mix_batch(
+            k_mix,
+            batch["image"],
+            targets,
+            mixup_alpha=self.ft.mixup_alpha,
+            cutmix_alpha=self.ft.cutmix_alpha,
+            mix_prob=self.ft.mix_prob,
+            switch_prob=self.ft.switch_prob,
+        )
         variables = {"params": params}
         if batch_stats:
             variables["batch_stats"] = batch_stats
-        logits, updates = self.model.apply(variables, images, train=True, mutable=["batch_stats"],
-                                           rngs={"dropout": k_drop, "emb_dropout": k_emb})
+        logits, updates = self.model.apply(
+            variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": k_drop, "emb_dropout": k_emb}
+        )
         logits = logits.astype(jnp.float32)
         loss = optax.softmax_cross_entropy(logits, targets).mean()
         accuracy = (jnp.argmax(logits, -1) == batch["label"]).mean()  # against the unmixed labels
@@ -154,27 +173,48 @@ class Finetuning(TrainingStage):
         return [Top1Evaluator(self.model, batches, mesh=mesh, max_batches=self.config.eval_batches)]
 
     def source(self) -> dict:
-        return {"source_run": str(self.trained.run_dir) if self.trained else None,
-                "source_step": self.trained.step if self.trained else None}
+        return {
+            "source_run": str(self.trained.run_dir) if self.trained else None,
+            "source_step": self.trained.step if self.trained else None,
+        }
 
     def meta(self) -> dict:
-        return {**super().meta(), "encoder": self.encoder_cfg, "num_classes": self.num_classes,
-                "mode": self.mode.name, **self.source()}
+        return {
+            **super().meta(),
+            "encoder": self.encoder_cfg,
+            "num_classes": self.num_classes,
+            "mode": self.mode.name,
+            **self.source(),
+        }
 
     def results(self, state, last) -> dict:
         n_train, n_frozen = count_params(state.params), count_params(state.frozen)
-        return {"mode": self.mode.name, "mode_options": self.mode.options(), **self.source(),
-                "source_image_size": self.source_image_size, "image_size": self.image_size,
-                "dataset": self.info.name, "num_classes": self.num_classes, "trainable_params": n_train,
-                "total_params": n_train + n_frozen, "encoder": self.encoder_cfg,
-                **({"skipped_images": self.info.num_skipped} if self.info.num_skipped else {})}  # data.on_corrupt=skip
+        return {
+            "mode": self.mode.name,
+            "mode_options": self.mode.options(),
+            **self.source(),
+            "source_image_size": self.source_image_size,
+            "image_size": self.image_size,
+            "dataset": self.info.name,
+            "num_classes": self.num_classes,
+            "trainable_params": n_train,
+            "total_params": n_train + n_frozen,
+            "encoder": self.encoder_cfg,
+            **({"skipped_images": self.info.num_skipped} if self.info.num_skipped else {}),
+        }  # data.on_corrupt=skip
 
     def log_start(self, state, start: int) -> None:
         n_train, n_frozen = count_params(state.params), count_params(state.frozen)
-        log.info("fine-tuning (%s) %s of %s params trainable; step peak memory %s MiB; compile %.1fs; from %s; "
-                 "step %d", self.mode, f"{n_train:,}", f"{n_train + n_frozen:,}",
-                 f"{self.memory['peak'] / 2**20:.1f}" if self.memory.get("peak") else "?", self.compile_seconds,
-                 f"{self.trained.run_dir} step {self.trained.step}" if self.trained else "scratch", start)
+        log.info(
+            "fine-tuning (%s) %s of %s params trainable; step peak memory %s MiB; compile %.1fs; from %s; step %d",
+            self.mode,
+            f"{n_train:,}",
+            f"{n_train + n_frozen:,}",
+            f"{self.memory['peak'] / 2**20:.1f}" if self.memory.get("peak") else "?",
+            self.compile_seconds,
+            f"{self.trained.run_dir} step {self.trained.step}" if self.trained else "scratch",
+            start,
+        )
 
 
 def finetune(cfg: Mapping, run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> dict:

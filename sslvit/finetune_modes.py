@@ -71,8 +71,11 @@ class _SublayerOnly(FinetuneMode):
         self.pos_embedding = Boolean()(pos_embedding, "finetune.mode.pos_embedding")
 
     def trains(self, path: Path) -> bool:
-        return ((self.head and path[0] == "head") or (self.pos_embedding and path == ("pos_embedding",))
-                or _in_layers(path, self.sublayer, self.weights))
+        return (
+            (self.head and path[0] == "head")
+            or (self.pos_embedding and path == ("pos_embedding",))
+            or _in_layers(path, self.sublayer, self.weights)
+        )
 
     def options(self) -> dict:
         return {"head": self.head, "pos_embedding": self.pos_embedding}

@@ -44,10 +44,12 @@ def forward_flops(model: ViT, *, head_outputs_per_patch: int = 0) -> int:
     n = model.num_patches + 1
     d, m = model.dim, model.mlp_dim
     inner = model.heads * (model.dim_head or d // model.heads)
-    per_branch = (2 * n * d * 3 * inner  # qkv
-                  + 2 * 2 * n * n * inner  # q·k and attention·v
-                  + 2 * n * inner * d  # output projection
-                  + 2 * 2 * n * d * m)  # fc1 + fc2
+    per_branch = (
+        2 * n * d * 3 * inner  # qkv
+        + 2 * 2 * n * n * inner  # q·k and attention·v
+        + 2 * n * inner * d  # output projection
+        + 2 * 2 * n * d * m
+    )  # fc1 + fc2
     flops = stem_flops(model) + model.depth * model.num_parallel_branches * per_branch
     flops += 2 * d * model.num_classes
     flops += 2 * model.num_patches * d * head_outputs_per_patch

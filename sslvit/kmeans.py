@@ -120,8 +120,7 @@ def _random_init(x: jax.Array, k: int, key: jax.Array) -> jax.Array:
     return x[jax.random.choice(key, x.shape[0], (k,), replace=False)]
 
 
-def _kmeans_impl(x: jax.Array, init: jax.Array | None, key: jax.Array, k: int, iters: int, chunk: int,
-                 plusplus: bool):
+def _kmeans_impl(x: jax.Array, init: jax.Array | None, key: jax.Array, k: int, iters: int, chunk: int, plusplus: bool):
     n, d = x.shape
     num_chunks = -(-n // chunk)
     pad = num_chunks * chunk - n
@@ -163,8 +162,15 @@ def _default_chunk(n: int, k: int, max_elems: int = 1 << 22) -> int:
     return int(max(1, min(n, max(256, max_elems // k))))
 
 
-def kmeans(x: Array, k: int, *, iters: int = 20, seed: int = 0, chunk_size: int | None = None,
-           init_codebook: Array | None = None) -> State:
+def kmeans(
+    x: Array,
+    k: int,
+    *,
+    iters: int = 20,
+    seed: int = 0,
+    chunk_size: int | None = None,
+    init_codebook: Array | None = None,
+) -> State:
     """Fit k-means to x (n, D): greedy k-means++ seeding (random distinct samples when
     k > MAX_PLUSPLUS_K; or `init_codebook` (k, D), e.g. to warm start), then `iters` Lloyd
     iterations with empty-cluster re-seeding, all in one jitted program.
@@ -181,7 +187,7 @@ def kmeans(x: Array, k: int, *, iters: int = 20, seed: int = 0, chunk_size: int 
         if init_codebook.shape != (k, d):
             raise ValueError(f"init_codebook has shape {init_codebook.shape}, expected {(k, d)}")
     chunk = chunk_size or _default_chunk(n, k)
-    centers, counts, inertia = _kmeans_jit(x, init_codebook, jax.random.key(seed), k=k, iters=iters, chunk=chunk,
-                                           plusplus=k <= MAX_PLUSPLUS_K)
+    centers, counts, inertia = _kmeans_jit(
+        x, init_codebook, jax.random.key(seed), k=k, iters=iters, chunk=chunk, plusplus=k <= MAX_PLUSPLUS_K
+    )
     return {"codebook": centers, "counts": counts, "inertia": inertia}
-

@@ -24,14 +24,7 @@ from sslvit.config.checks import Integer, Number, Optional, is_int
 from sslvit.errors import ConfigError
 from sslvit.registry import Registry
 
-__all__ = [
-    "MASK_SAMPLERS",
-    "BlockMaskSampler",
-    "MaskSampler",
-    "RandomMaskSampler",
-    "make_mask_sampler",
-    "mask_rng",
-]
+__all__ = ["MASK_SAMPLERS", "BlockMaskSampler", "MaskSampler", "RandomMaskSampler", "make_mask_sampler", "mask_rng"]
 
 
 MASK_SAMPLERS: Registry = Registry("mask sampler", "mask.name")

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+
 try:  # TensorBoard's record format and protos only (no TensorFlow); a bare JAX host may lack the package
     from tensorboard.compat.proto import event_pb2, summary_pb2
     from tensorboard.summary.writer.record_writer import RecordWriter
@@ -60,8 +61,9 @@ def _parse_lines(path: Path) -> tuple[list[dict], list[str]]:
                 raise ValueError("not an object with an integer 'step'")
         except ValueError as e:
             last = i == len(lines)  # no newline after it: cut off by a crash mid-write
-            (log.info if last else log.warning)("%s:%d: skipping %s line (%s)", path, i,
-                                                "truncated last" if last else "corrupt", e)
+            (log.info if last else log.warning)(
+                "%s:%d: skipping %s line (%s)", path, i, "truncated last" if last else "corrupt", e
+            )
             continue
         rows.append(row)
         raw.append(line)
@@ -77,8 +79,9 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """The rows of ``<run_dir>/metrics.jsonl`` (or of the given ``.jsonl`` file), in file order."""
     path = _metrics_path(run_dir)
     if not path.is_file():
-        raise ConfigError(f"no metrics file {path}: pass the run dir of a pretrain.py/finetune.py run (it holds "
-                          f"{METRICS_FILE})")
+        raise ConfigError(
+            f"no metrics file {path}: pass the run dir of a pretrain.py/finetune.py run (it holds {METRICS_FILE})"
+        )
     return _parse_lines(path)[0]
 
 
@@ -103,10 +106,9 @@ class _EventFile:
 
     def __init__(self, logdir: Path):
         logdir.mkdir(parents=True, exist_ok=True)
-        name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
-                f".{next(_file_ids):04d}")
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_file_ids):04d}"
         self.path = logdir / name
-        self._records = RecordWriter(open(self.path, "wb"))  # noqa: SIM115 - closed in close()
+        self._records = RecordWriter(open(self.path, "wb"))
         # file_version 2 makes TensorBoard honour SessionLog.START for purging a crashed run's later events
         self._add(event_pb2.Event(file_version="brain.Event:2"))
 
@@ -115,8 +117,9 @@ class _EventFile:
         self._records.write(event.SerializeToString())
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=float(v))
-                                             for k, v in values.items()])
+        summary = summary_pb2.Summary(
+            value=[summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()]
+        )
         self._add(event_pb2.Event(step=step, summary=summary))
 
     def session_start(self, step: int) -> None:
@@ -141,8 +144,14 @@ class MetricWriter:
         package is not installed).
     """
 
-    def __init__(self, run_dir: str | os.PathLike, *, enabled: bool = True, resume_step: int | None = None,
-                 tensorboard: bool = True):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        enabled: bool = True,
+        resume_step: int | None = None,
+        tensorboard: bool = True,
+    ):
         self.run_dir = Path(run_dir).absolute()
         self.enabled = bool(enabled)
         self._jsonl = self._events = None
@@ -156,7 +165,7 @@ class MetricWriter:
                 log.info("dropped %d metric rows after step %d from %s", dropped, resume_step, path)
         elif path.is_file():
             _cut_partial_last_line(path)  # else our first row would be glued onto it
-        self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._jsonl = open(path, "a", encoding="utf-8")
         if tensorboard and RecordWriter is None:
             log.info("the tensorboard package is not installed: metrics go to %s only", path)
         elif tensorboard:

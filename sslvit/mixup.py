@@ -6,13 +6,25 @@ import jax
 import jax.numpy as jnp
 import optax
 
+
 def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
-    return optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing) if smoothing else \
-        jax.nn.one_hot(labels, num_classes)
+    return (
+        optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
+        if smoothing
+        else jax.nn.one_hot(labels, num_classes)
+    )
 
 
-def mix_batch(rng: jax.Array, images: jax.Array, targets: jax.Array, *, mixup_alpha: float, cutmix_alpha: float,
-              mix_prob: float = 1.0, switch_prob: float = 0.5) -> tuple[jax.Array, jax.Array]:
+def mix_batch(
+    rng: jax.Array,
+    images: jax.Array,
+    targets: jax.Array,
+    *,
+    mixup_alpha: float,
+    cutmix_alpha: float,
+    mix_prob: float = 1.0,
+    switch_prob: float = 0.5,
+) -> tuple[jax.Array, jax.Array]:
     """Batch-level Mixup / CutMix (timm's 'batch' mode): each image is mixed with the batch's reversed order.
 
     Mixup: x = lam x + (1 - lam) x_rev; CutMix: a box of area (1 - lam) pasted from x_rev, lam recomputed from the
@@ -49,5 +61,3 @@ def mix_batch(rng: jax.Array, images: jax.Array, targets: jax.Array, *, mixup_al
     out = jnp.where(apply, jnp.where(use_cut, cut, mixed), images)
     lam = jnp.where(apply, jnp.where(use_cut, lam_cut, lam_mix), one)
     return out, lam * targets + (1 - lam) * partner_t
-
-

@@ -18,8 +18,20 @@ from flax import traverse_util
 from sslvit.config.groups import OptimConfig
 
 # Leaf names that get no weight decay (BEiT: norms, biases, class/mask tokens, position embedding, LayerScale).
-NO_DECAY_NAMES = ("bias", "scale", "norm_scale", "norm_bias", "qkv_bias", "out_bias", "fc1_bias", "fc2_bias",
-                  "layer_scale", "pos_embedding", "cls_token", "mask_token")
+NO_DECAY_NAMES = (
+    "bias",
+    "scale",
+    "norm_scale",
+    "norm_bias",
+    "qkv_bias",
+    "out_bias",
+    "fc1_bias",
+    "fc2_bias",
+    "layer_scale",
+    "pos_embedding",
+    "cls_token",
+    "mask_token",
+)
 
 
 def decay_mask(params) -> Any:
@@ -70,8 +82,12 @@ def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup from lr/warmup (the first step is not wasted), then cosine decay to `min_lr`."""
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
-        init_value=cfg.lr / warmup if warmup else cfg.lr, peak_value=cfg.lr, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=cfg.min_lr)
+        init_value=cfg.lr / warmup if warmup else cfg.lr,
+        peak_value=cfg.lr,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=cfg.min_lr,
+    )
 
 
 def make_optimizer(cfg: OptimConfig | Mapping, params, *, total_steps: int, depth: int | None = None):
@@ -85,8 +101,9 @@ def make_optimizer(cfg: OptimConfig | Mapping, params, *, total_steps: int, dept
     parts = []
     if cfg.clip_grad_norm:
         parts.append(optax.clip_by_global_norm(cfg.clip_grad_norm))
-    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                             mask=decay_mask(params)))
+    parts.append(
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask(params))
+    )
     if cfg.layer_decay and depth and cfg.layer_decay != 1.0:
         parts.append(scale_by_tree(layer_decay_scales(params, depth, cfg.layer_decay)))
     return optax.chain(*parts), schedule

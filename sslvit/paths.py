@@ -31,18 +31,22 @@ def check_dir(path: str | os.PathLike, key: str) -> Path:
         if not p.is_dir():
             raise ConfigError(f"{key}={os.fspath(path)} is a file, not a directory: choose a directory")
         if not os.access(p, os.W_OK | os.X_OK):
-            raise ConfigError(f"{key}={os.fspath(path)} cannot be written: {_why_unwritable(p)}; choose another "
-                              f"directory")
+            raise ConfigError(
+                f"{key}={os.fspath(path)} cannot be written: {_why_unwritable(p)}; choose another directory"
+            )
         return p
     parent = p.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise ConfigError(f"{key}={os.fspath(path)} lies under {parent}, which is a file: choose a path under a "
-                          f"directory")
+        raise ConfigError(
+            f"{key}={os.fspath(path)} lies under {parent}, which is a file: choose a path under a directory"
+        )
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}={os.fspath(path)} cannot be created: {parent} {_why_unwritable(parent)[3:]}; "
-                          f"choose another directory")
+        raise ConfigError(
+            f"{key}={os.fspath(path)} cannot be created: {parent} {_why_unwritable(parent)[3:]}; "
+            f"choose another directory"
+        )
     return p
 
 
@@ -58,11 +62,13 @@ def check_file(path: str | os.PathLike, key: str) -> Path:
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise ConfigError(f"{key}={os.fspath(path)} lies under {parent}, which is a file: choose a path under a "
-                          f"directory")
+        raise ConfigError(
+            f"{key}={os.fspath(path)} lies under {parent}, which is a file: choose a path under a directory"
+        )
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}={os.fspath(path)} cannot be written: {parent} {_why_unwritable(parent)[3:]}; "
-                          f"choose another path")
+        raise ConfigError(
+            f"{key}={os.fspath(path)} cannot be written: {parent} {_why_unwritable(parent)[3:]}; choose another path"
+        )
     return p
 
 

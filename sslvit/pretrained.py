@@ -30,13 +30,33 @@ from sslvit.rundir import CHECKPOINT_SUBDIR, run_dir_of_checkpoints
 
 # Keys of an encoder description that fix the parameters' shapes (or which parameters exist): a run's saved values
 # win and a command-line override that contradicts them is an error.
-ARCH_KEYS = ("model.patch_size", "model.dim", "model.depth", "model.heads", "model.mlp_dim",
-             "model.num_parallel_branches", "model.dim_head", "model.channels", "model.pos_embedding",
-             "model.layer_scale_init", "stem.name", "stem.norm")
+ARCH_KEYS = (
+    "model.patch_size",
+    "model.dim",
+    "model.depth",
+    "model.heads",
+    "model.mlp_dim",
+    "model.num_parallel_branches",
+    "model.dim_head",
+    "model.channels",
+    "model.pos_embedding",
+    "model.layer_scale_init",
+    "stem.name",
+    "stem.norm",
+)
 # Keys a user may change when reusing a trained encoder (they change how it runs, not what it holds).
-RUNTIME_KEYS = ("model.dtype", "model.remat", "model.unroll_layers", "model.dropout", "model.emb_dropout",
-                "model.pool", "model.drop_path", "model.attention", "model.remat_policy",
-                "model.drop_path_schedule")
+RUNTIME_KEYS = (
+    "model.dtype",
+    "model.remat",
+    "model.unroll_layers",
+    "model.dropout",
+    "model.emb_dropout",
+    "model.pool",
+    "model.drop_path",
+    "model.attention",
+    "model.remat_policy",
+    "model.drop_path_schedule",
+)
 # Leaves a classifier built from a pretrained encoder does not have (pretext-only parameters).
 PRETEXT_ONLY = (("mask_token",),)
 
@@ -63,8 +83,10 @@ def checkpoint_dir(run: str | os.PathLike) -> Path:
         raise ConfigError("run is not set: pass run=<a pretraining run dir> (the dir pretrain.py printed)")
     path = Path(os.path.expanduser(os.fspath(run))).absolute()
     if not path.exists():
-        raise ConfigError(f"run={os.fspath(run)!r} does not exist: pass run=<a pretraining run dir> "
-                          f"(the dir pretrain.py printed, e.g. outputs/pretrain/<date>)")
+        raise ConfigError(
+            f"run={os.fspath(run)!r} does not exist: pass run=<a pretraining run dir> "
+            f"(the dir pretrain.py printed, e.g. outputs/pretrain/<date>)"
+        )
     if not path.is_dir():
         raise ConfigError(f"run={os.fspath(run)!r} is a file, not a run dir: pass the dir holding checkpoints/")
     sub = path / CHECKPOINT_SUBDIR
@@ -86,8 +108,10 @@ def checkpoint_step(run: str | os.PathLike, step: Optional[int] = None) -> tuple
         with Checkpointer(ckpt_dir, max_to_keep=None) as ckpt:
             steps = ckpt.all_steps()
     if not steps:
-        raise ConfigError(f"run={os.fspath(run)!r} holds no checkpoint ({ckpt_dir} is missing or empty): pass the "
-                          f"dir of a pretraining run that saved at least one checkpoint")
+        raise ConfigError(
+            f"run={os.fspath(run)!r} holds no checkpoint ({ckpt_dir} is missing or empty): pass the "
+            f"dir of a pretraining run that saved at least one checkpoint"
+        )
     if step is not None and step not in steps:
         raise ConfigError(f"step={step} is not a checkpoint of {ckpt_dir}: choose one of {steps}, or null")
     return ckpt_dir, step
@@ -104,11 +128,19 @@ def load_encoder(run: str | os.PathLike, step: Optional[int] = None) -> TrainedE
     meta = dict(meta or {})
     encoder = encoder_from_meta(meta)
     if encoder is None:
-        raise ConfigError(f"the checkpoint in {ckpt_dir} has no saved encoder description (meta 'encoder'): it was "
-                          f"not written by pretrain.py or finetune.py")
+        raise ConfigError(
+            f"the checkpoint in {ckpt_dir} has no saved encoder description (meta 'encoder'): it was "
+            f"not written by pretrain.py or finetune.py"
+        )
     params, batch_stats = _encoder_trees(tree, ckpt_dir)
-    return TrainedEncoder(run_dir=run_dir_of_checkpoints(ckpt_dir), step=int(step), encoder=encoder, params=params,
-                          batch_stats=batch_stats, meta=meta)
+    return TrainedEncoder(
+        run_dir=run_dir_of_checkpoints(ckpt_dir),
+        step=int(step),
+        encoder=encoder,
+        params=params,
+        batch_stats=batch_stats,
+        meta=meta,
+    )
 
 
 def _encoder_trees(tree: Mapping, where: Path) -> tuple[dict, dict]:
@@ -156,8 +188,9 @@ def touched_keys(overrides: Iterable[str], requested: Mapping[str, Mapping]) -> 
     return touched
 
 
-def resolve_encoder(saved: Mapping[str, Mapping], requested: Mapping[str, Mapping], touched: Iterable[str],
-                    run: Any) -> dict:
+def resolve_encoder(
+    saved: Mapping[str, Mapping], requested: Mapping[str, Mapping], touched: Iterable[str], run: Any
+) -> dict:
     """The saved description, with the runtime options (dtype, remat, dropout, pool, ...) the user set on the
     command line. Raises ConfigError when an explicit override contradicts the saved architecture: the weights
     would not fit (or would mean something else), so the user asked for another model than the run holds."""
@@ -171,12 +204,16 @@ def resolve_encoder(saved: Mapping[str, Mapping], requested: Mapping[str, Mappin
             out[group][name] = want
         elif dotted == "model.image_size":
             if _norm_size(want) != _norm_size(have):
-                raise ConfigError(f"model.image_size={want} conflicts with the run's image_size={have} ({run}): "
-                                  f"drop it and set finetune.image_size={want} to change the resolution")
+                raise ConfigError(
+                    f"model.image_size={want} conflicts with the run's image_size={have} ({run}): "
+                    f"drop it and set finetune.image_size={want} to change the resolution"
+                )
         elif dotted in ARCH_KEYS and want != have:
-            raise ConfigError(f"{dotted}={want!r} conflicts with the checkpoint's {dotted}={have!r} in run={run}: the "
-                              f"run's saved config rebuilds the model; drop the override (or use run=null to train "
-                              f"that model from scratch)")
+            raise ConfigError(
+                f"{dotted}={want!r} conflicts with the checkpoint's {dotted}={have!r} in run={run}: the "
+                f"run's saved config rebuilds the model; drop the override (or use run=null to train "
+                f"that model from scratch)"
+            )
     return out
 
 
@@ -185,8 +222,15 @@ def _norm_size(x):
 
 
 # ------------------------------------------------------------------------------------------ weights
-def load_into(template: Mapping, loaded: Mapping, *, old_grid: tuple[int, int], new_grid: tuple[int, int],
-              where: str, keep_head: bool = False) -> dict:
+def load_into(
+    template: Mapping,
+    loaded: Mapping,
+    *,
+    old_grid: tuple[int, int],
+    new_grid: tuple[int, int],
+    where: str,
+    keep_head: bool = False,
+) -> dict:
     """Fill a freshly initialised parameter tree (`template`) with the trained leaves of `loaded`.
 
     - 'pos_embedding' is resized (bicubic on the 2-D grid) when the grids differ;
@@ -203,20 +247,26 @@ def load_into(template: Mapping, loaded: Mapping, *, old_grid: tuple[int, int], 
             out[path] = src if (keep_head and src is not None and src.shape == init.shape) else init
             continue
         if path not in have:
-            raise ConfigError(f"the checkpoint in {where} has no parameter {name}: it belongs to another model "
-                              f"config (drop conflicting model overrides, or use run=null)")
+            raise ConfigError(
+                f"the checkpoint in {where} has no parameter {name}: it belongs to another model "
+                f"config (drop conflicting model overrides, or use run=null)"
+            )
         src = have[path]
         if path == ("pos_embedding",) and src.shape != init.shape and tuple(old_grid) != tuple(new_grid):
             src = np.asarray(resize_pos_embedding(src, new_grid, old_grid, num_extra_tokens=0))
         if src.shape != init.shape:
-            raise ConfigError(f"the checkpoint's {name} has shape {tuple(src.shape)} but the model built from its "
-                              f"config expects {tuple(init.shape)} ({where}): the checkpoint belongs to another "
-                              f"model config")
+            raise ConfigError(
+                f"the checkpoint's {name} has shape {tuple(src.shape)} but the model built from its "
+                f"config expects {tuple(init.shape)} ({where}): the checkpoint belongs to another "
+                f"model config"
+            )
         out[path] = src.astype(init.dtype)
     extra = sorted("/".join(p) for p in have if p not in want and p[0] != "head" and p not in PRETEXT_ONLY)
     if extra:
-        raise ConfigError(f"the checkpoint in {where} has parameters the model lacks ({', '.join(extra[:3])}): it "
-                          f"belongs to another model config")
+        raise ConfigError(
+            f"the checkpoint in {where} has parameters the model lacks ({', '.join(extra[:3])}): it "
+            f"belongs to another model config"
+        )
     return traverse_util.unflatten_dict(out)
 
 
@@ -228,7 +278,9 @@ def load_batch_stats(template: Mapping, loaded: Mapping, where: str) -> dict:
     for path, init in want.items():
         src = have.get(path)
         if src is None or src.shape != init.shape:
-            raise ConfigError(f"the checkpoint in {where} lacks BatchNorm statistics {'/'.join(path)} of shape "
-                              f"{tuple(init.shape)}: it belongs to another model config")
+            raise ConfigError(
+                f"the checkpoint in {where} lacks BatchNorm statistics {'/'.join(path)} of shape "
+                f"{tuple(init.shape)}: it belongs to another model config"
+            )
         out[path] = src.astype(init.dtype)
     return traverse_util.unflatten_dict(out) if out else {}

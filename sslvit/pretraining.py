@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sslvit import masking, signals, targets
 from sslvit import data as data_lib
+from sslvit import masking, signals, targets
 from sslvit.config.stages import PretrainConfig
 from sslvit.distributed import is_main_process
 from sslvit.errors import ConfigError
@@ -61,8 +61,10 @@ class Pretraining(TrainingStage):
         self.target_cfg = dict(c.target)
         path = self.target_cfg.get("path")
         if path is not None and not Path(os.path.expanduser(str(path))).is_file():  # found now, not after the data
-            raise ConfigError(f"target.path={path!r}: no such file; point it at the {targets.TOKENIZER_FILENAME} of "
-                              f"an earlier run, or set target.path=null to fit a new tokenizer")
+            raise ConfigError(
+                f"target.path={path!r}: no such file; point it at the {targets.TOKENIZER_FILENAME} of "
+                f"an earlier run, or set target.path=null to fit a new tokenizer"
+            )
         self.target = build_target(self.target_cfg, self.encoder)
         if path is not None:  # read now: a file that is not this target's tokenizer fails before anything runs
             self.target.load(Path(os.path.expanduser(str(path))))
@@ -70,8 +72,9 @@ class Pretraining(TrainingStage):
         self.data_cfg = c.data
         depth = self.encoder.depth
         if not (1 <= c.monitor.layer <= depth or -depth <= c.monitor.layer <= -1):
-            raise ConfigError(f"monitor.layer={c.monitor.layer} must be a layer in 1..{depth}, or -1..-{depth} "
-                              "counting from the last")
+            raise ConfigError(
+                f"monitor.layer={c.monitor.layer} must be a layer in 1..{depth}, or -1..-{depth} counting from the last"
+            )
         self.monitor = None
 
     @property
@@ -82,9 +85,11 @@ class Pretraining(TrainingStage):
     def prepare(self):
         info = data_lib.dataset_info(self.data_cfg)  # a missing dataset fails here, before anything is written
         if self.config.monitor.every and not info.num_test:
-            raise ConfigError(f"monitor.every={self.config.monitor.every} needs labelled test images, and "
-                              f"data.test_split={self.data_cfg.test_split!r} of {info.name} has none; set "
-                              "monitor.every=0 or point data.test_split at a labelled split")
+            raise ConfigError(
+                f"monitor.every={self.config.monitor.every} needs labelled test images, and "
+                f"data.test_split={self.data_cfg.test_split!r} of {info.name} has none; set "
+                "monitor.every=0 or point data.test_split at a labelled split"
+            )
         self.use_device_data(image_size=self.image_size, crop_scale=self.data_cfg.crop_scale, with_labels=False)
         return info
 
@@ -96,23 +101,37 @@ class Pretraining(TrainingStage):
         if self.config.resume and saved.exists():
             cfg["path"] = str(saved)  # a resumed run keeps the tokenizer it started with
         elif self.config.resume and fits and self.run_dir.checkpoint_steps():
-            raise ConfigError(f"{saved} is missing, but the run's checkpoints were trained against it: put it back "
-                              f"(a new tokenizer would give other tokens), or start a new run in another "
-                              f"{self.run_dir.key}")
+            raise ConfigError(
+                f"{saved} is missing, but the run's checkpoints were trained against it: put it back "
+                f"(a new tokenizer would give other tokens), or start a new run in another "
+                f"{self.run_dir.key}"
+            )
 
         def images():
             # Every process reads the same images (the whole split, not its shard): one tokenizer for all. Batches
             # of up to 256 images, never more than the split holds (a small split is a valid one).
             batch = max(1, min(256, self.batch_size * 2, self.info.num_train))
-            it = data_lib.make_train_iterator(self.data_cfg, batch_size=batch, image_size=self.image_size,
-                                              seed=self.config.seed + 1, augment=False, process_index=0,
-                                              process_count=1)
+            it = data_lib.make_train_iterator(
+                self.data_cfg,
+                batch_size=batch,
+                image_size=self.image_size,
+                seed=self.config.seed + 1,
+                augment=False,
+                process_index=0,
+                process_count=1,
+            )
             return (b["image"] for b in it)
 
         if not cfg.get("path") and fits:
             signals.phase("tokenizer fit")
-        state = targets.fit_or_load(self.target, cfg, images, self.config.seed,
-                                    self.run_dir.path if is_main_process() else None, key=self._tokenizer_key(cfg))
+        state = targets.fit_or_load(
+            self.target,
+            cfg,
+            images,
+            self.config.seed,
+            self.run_dir.path if is_main_process() else None,
+            key=self._tokenizer_key(cfg),
+        )
         signals.phase("set-up")
         if jax.process_count() > 1:  # bit-identical consts on every process, whatever each device computed
             from jax.experimental import multihost_utils  # noqa: PLC0415
@@ -140,8 +159,9 @@ class Pretraining(TrainingStage):
             variables["batch_stats"] = batch_stats
         tokens = self.target.compute(consts, batch["image"])
         rngs = {"dropout": jax.random.fold_in(rng, 0), "emb_dropout": jax.random.fold_in(rng, 1)}
-        preds, updates = self.model.apply(variables, batch["image"], batch["mask"], train=True, rngs=rngs,
-                                          mutable=["batch_stats"])
+        preds, updates = self.model.apply(
+            variables, batch["image"], batch["mask"], train=True, rngs=rngs, mutable=["batch_stats"]
+        )
         loss, metrics = self.target.loss(preds, tokens, batch["mask"])
         return loss, (metrics, updates.get("batch_stats", batch_stats))
 
@@ -158,15 +178,27 @@ class Pretraining(TrainingStage):
 
     def batch_spec(self):
         s, b = self.image_size, self.batch_size
-        return {"image": ((b, s, s, self.encoder.channels), jnp.float32),
-                "mask": ((b, self.encoder.num_patches), jnp.bool_)}
+        return {
+            "image": ((b, s, s, self.encoder.channels), jnp.float32),
+            "mask": ((b, self.encoder.num_patches), jnp.bool_),
+        }
 
     def evaluators(self, mesh):
         n = self.local_batch_size
         batches = lambda: data_lib.make_eval_iterator(self.data_cfg, batch_size=n, image_size=self.image_size)  # noqa: E731
-        return [MaskedPatchEvaluator(self.model, self.target, self.consts, self.sampler, batches, mesh=mesh,
-                                     seed=self.config.seed, local_batch_size=n,
-                                     max_batches=self.config.eval_batches)]
+        return [
+            MaskedPatchEvaluator(
+                self.model,
+                self.target,
+                self.consts,
+                self.sampler,
+                batches,
+                mesh=mesh,
+                seed=self.config.seed,
+                local_batch_size=n,
+                max_batches=self.config.eval_batches,
+            )
+        ]
 
     def periodic_evaluators(self, mesh):
         """The online k-NN monitor (`monitor.every` > 0): the encoder's features of fixed train and test subsets."""
@@ -187,15 +219,29 @@ class Pretraining(TrainingStage):
             return variables
 
         layer = m.layer if m.layer > 0 else self.encoder.depth + 1 + m.layer
-        self.monitor = KnnMonitor(make_feature_fn(self.encoder, [layer], m.pool), encoder_variables,
-                                  batches(self.data_cfg.train_split), batches(self.data_cfg.test_split), mesh=mesh,
-                                  global_batch=self.batch_size, num_train=m.num_train, num_test=m.num_test,
-                                  num_classes=self.info.num_classes, k=m.k, temperature=m.temperature)
+        self.monitor = KnnMonitor(
+            make_feature_fn(self.encoder, [layer], m.pool),
+            encoder_variables,
+            batches(self.data_cfg.train_split),
+            batches(self.data_cfg.test_split),
+            mesh=mesh,
+            global_batch=self.batch_size,
+            num_train=m.num_train,
+            num_test=m.num_test,
+            num_classes=self.info.num_classes,
+            k=m.k,
+            temperature=m.temperature,
+        )
         return [(m.every, self.monitor)]
 
     def meta(self) -> dict:
-        return {**super().meta(), "encoder": self.encoder_cfg, "num_outputs": self.target.num_outputs,
-                "target": self.target_cfg, "mask_ratio": self.sampler.mask_ratio}
+        return {
+            **super().meta(),
+            "encoder": self.encoder_cfg,
+            "num_outputs": self.target.num_outputs,
+            "target": self.target_cfg,
+            "mask_ratio": self.sampler.mask_ratio,
+        }
 
     def results(self, state, last) -> dict:
         out = {"params": count_params(state.all_params())}
@@ -210,13 +256,28 @@ class Pretraining(TrainingStage):
 
     def log_start(self, state, start: int) -> None:
         m = self.encoder_cfg["model"]
-        log.info("pretraining %s params (ViT dim %d %dx%d heads %d patch %d @ %spx stem %s), mask %s %d/%d, target %s "
-                 "(%d outputs), data %s (%d train images); step compiled in %.1fs, peak memory %s MiB; from step %d",
-                 f"{count_params(state.all_params()):,}", m["dim"], m["depth"], m["num_parallel_branches"],
-                 m["heads"], m["patch_size"], m["image_size"], self.encoder_cfg["stem"]["name"],
-                 self.sampler.name, self.sampler.num_masked, self.encoder.num_patches, self.target.name,
-                 self.target.num_outputs, self.data_cfg.name, self.info.num_train, self.compile_seconds,
-                 f"{self.memory['peak'] / 2**20:.1f}" if self.memory.get("peak") else "?", start)
+        log.info(
+            "pretraining %s params (ViT dim %d %dx%d heads %d patch %d @ %spx stem %s), mask %s %d/%d, target %s "
+            "(%d outputs), data %s (%d train images); step compiled in %.1fs, peak memory %s MiB; from step %d",
+            f"{count_params(state.all_params()):,}",
+            m["dim"],
+            m["depth"],
+            m["num_parallel_branches"],
+            m["heads"],
+            m["patch_size"],
+            m["image_size"],
+            self.encoder_cfg["stem"]["name"],
+            self.sampler.name,
+            self.sampler.num_masked,
+            self.encoder.num_patches,
+            self.target.name,
+            self.target.num_outputs,
+            self.data_cfg.name,
+            self.info.num_train,
+            self.compile_seconds,
+            f"{self.memory['peak'] / 2**20:.1f}" if self.memory.get("peak") else "?",
+            start,
+        )
 
 
 def pretrain(cfg: Mapping, run_dir: str | os.PathLike) -> dict:

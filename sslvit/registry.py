@@ -60,8 +60,9 @@ class Registry(Generic[T]):
         """The options `build(name, ...)` accepts: the implementation's keyword parameters."""
         return _keyword_options(self.get(name))
 
-    def check_options(self, name: str, options: Mapping[str, Any], *, ignore: Iterable[str] = (),
-                      given: Iterable[str] = ()) -> None:
+    def check_options(
+        self, name: str, options: Mapping[str, Any], *, ignore: Iterable[str] = (), given: Iterable[str] = ()
+    ) -> None:
         """ConfigError for the first config option `name` does not take. Config keys in `ignore` are not options
         (e.g. `name` itself); parameters in `given` are passed by the program, so a config may not set them."""
         ignore, given = set(ignore), set(given)
@@ -69,11 +70,19 @@ class Registry(Generic[T]):
         unknown = sorted(k for k in options if k not in allowed and k not in ignore)
         if unknown:
             listed = ", ".join(sorted(set(allowed) | ignore)) or "none"
-            raise ConfigError(f"{self.options_key}.{unknown[0]} is not an option of {self.kind} {name!r}: its options "
-                              f"are {listed}")
+            raise ConfigError(
+                f"{self.options_key}.{unknown[0]} is not an option of {self.kind} {name!r}: its options are {listed}"
+            )
 
-    def build(self, name: str, /, *args: Any, config: Mapping[str, Any] | None = None, ignore: Iterable[str] = (),
-              **given: Any) -> Any:
+    def build(
+        self,
+        name: str,
+        /,
+        *args: Any,
+        config: Mapping[str, Any] | None = None,
+        ignore: Iterable[str] = (),
+        **given: Any,
+    ) -> Any:
         """Call the implementation `name` with `args`, the program's keyword arguments `given` and the options of
         its config group `config` (their names checked first; keys in `ignore`, such as `name`, dropped)."""
         obj = self.get(name)
@@ -110,6 +119,7 @@ def _keyword_options(obj: Any) -> list[str]:
     out = []
     for p in inspect.signature(fn).parameters.values():
         if p.kind is inspect.Parameter.KEYWORD_ONLY or (
-                p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is not inspect.Parameter.empty):
+            p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is not inspect.Parameter.empty
+        ):
             out.append(p.name)
     return out

@@ -199,8 +199,10 @@ class RunDir:
     def _check_owner(self) -> None:
         owner = self.owner()
         if owner is not None and owner != self.stage:
-            raise RunDirError(f"{self.key}={self.path} holds a {owner} run: a run dir belongs to one stage; choose "
-                              f"another {self.key} for this {self.stage} run")
+            raise RunDirError(
+                f"{self.key}={self.path} holds a {owner} run: a run dir belongs to one stage; choose "
+                f"another {self.key} for this {self.stage} run"
+            )
 
     def _check_contents(self, resume: bool | None) -> None:
         files = self.run_files()
@@ -208,15 +210,21 @@ class RunDir:
             return
         if resume is None:  # a stage that cannot resume: only a finished run is in the way
             if RESULTS_FILE in files:
-                raise RunDirError(f"{self.key}={self.path} holds a finished {self.stage} run ({RESULTS_FILE}): choose "
-                                  f"another {self.key}")
+                raise RunDirError(
+                    f"{self.key}={self.path} holds a finished {self.stage} run ({RESULTS_FILE}): choose "
+                    f"another {self.key}"
+                )
             return
         if CHECKPOINT_SUBDIR in files:
-            raise RunDirError(f"{self.path} already holds checkpoints: pass resume=true to continue that run, or "
-                              f"choose another {self.key}")
-        raise RunDirError(f"{self.path} holds files of an earlier {self.stage} run ({', '.join(files)}) but no "
-                          f"checkpoint: pass resume=true to continue it (from step 0, keeping them), or choose "
-                          f"another {self.key}")
+            raise RunDirError(
+                f"{self.path} already holds checkpoints: pass resume=true to continue that run, or "
+                f"choose another {self.key}"
+            )
+        raise RunDirError(
+            f"{self.path} holds files of an earlier {self.stage} run ({', '.join(files)}) but no "
+            f"checkpoint: pass resume=true to continue it (from step 0, keeping them), or choose "
+            f"another {self.key}"
+        )
 
     def _lock(self) -> int | None:
         """Open and lock LOCK_FILE (non-blocking); RunDirError naming the holder when another process has it."""
@@ -224,19 +232,23 @@ class RunDir:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise RunDirError(f"{self.key}={self.path}: cannot create its lock file ({e.strerror}); choose another "
-                              f"directory") from e
+            raise RunDirError(
+                f"{self.key}={self.path}: cannot create its lock file ({e.strerror}); choose another directory"
+            ) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _holder(path)
             os.close(fd)
-            raise RunDirError(f"{self.key}={self.path} is in use by another run ({holder}): wait for it to end, or "
-                              f"choose another {self.key}") from None
+            raise RunDirError(
+                f"{self.key}={self.path} is in use by another run ({holder}): wait for it to end, or "
+                f"choose another {self.key}"
+            ) from None
         except OSError as e:  # a filesystem without flock (e.g. Lustre mounted without -o flock)
             os.close(fd)
-            log.warning("cannot lock %s (%s): runs started into this dir at the same time are not detected", path,
-                        e.strerror)
+            log.warning(
+                "cannot lock %s (%s): runs started into this dir at the same time are not detected", path, e.strerror
+            )
             return None
         return fd
 
@@ -248,8 +260,8 @@ class RunDir:
         if jax.process_count() == 1:
             self.claim(resume=resume)
             return
-        from jax.experimental import multihost_utils  # noqa: PLC0415
         import numpy as np  # noqa: PLC0415
+        from jax.experimental import multihost_utils  # noqa: PLC0415
 
         error = None
         if jax.process_index() == 0:
@@ -272,8 +284,13 @@ class RunDir:
         claim = _CLAIMS.get(self.path)
         if claim is None or claim.fd is None or claim.said:
             return
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "stage": self.stage,
-                "since": datetime.datetime.now().isoformat(timespec="seconds"), "command": sys.argv}
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "stage": self.stage,
+            "since": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": sys.argv,
+        }
         os.ftruncate(claim.fd, 0)
         os.pwrite(claim.fd, (json.dumps(info) + "\n").encode(), 0)
         claim.said = True
@@ -282,8 +299,10 @@ class RunDir:
         """On processes other than 0: the lock file is there and locked (by process 0)."""
         path = self.path / LOCK_FILE
         if not path.is_file():
-            raise RunDirError(f"process 0 locked {self.path} but this process sees no {LOCK_FILE} there: every process "
-                              f"needs the same {self.key} on a filesystem all hosts share")
+            raise RunDirError(
+                f"process 0 locked {self.path} but this process sees no {LOCK_FILE} there: every process "
+                f"needs the same {self.key} on a filesystem all hosts share"
+            )
         fd = os.open(path, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -293,8 +312,11 @@ class RunDir:
             return  # no locks on this filesystem: nothing to check
         finally:
             os.close(fd)
-        log.warning("%s is not locked as process 0 should hold it: is %s on a filesystem whose locks all hosts see?",
-                    path, self.key)
+        log.warning(
+            "%s is not locked as process 0 should hold it: is %s on a filesystem whose locks all hosts see?",
+            path,
+            self.key,
+        )
 
     # -- writing ---------------------------------------------------------------------------------------------
     def commit(self) -> None:
@@ -375,8 +397,9 @@ class RunLogHandler(logging.FileHandler):
     failed before changing anything), so the dir's log holds the runs that happened. In a new dir it writes at
     once. The file is opened on the first write."""
 
-    def __init__(self, filename: str, mode: str = "a", encoding: str | None = None, delay: bool = True,
-                 errors: str | None = None):
+    def __init__(
+        self, filename: str, mode: str = "a", encoding: str | None = None, delay: bool = True, errors: str | None = None
+    ):
         super().__init__(filename, mode, encoding, delay=True, errors=errors)
         self.dir = Path(self.baseFilename).parent
         if _is_empty(self.dir) and self.dir not in _CLAIMS:  # a new dir (a sweep job's), not claimed by a run yet

@@ -149,5 +149,4 @@ def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
-__all__ = ["Interrupted", "StopSignals", "current_phase", "deferred", "install", "phase", "signal_name",
-           "stop_signals"]
+__all__ = ["Interrupted", "StopSignals", "current_phase", "deferred", "install", "phase", "signal_name", "stop_signals"]

@@ -38,8 +38,8 @@ import numpy as np
 
 from sslvit import signals
 from sslvit.config.checks import Group
-from sslvit.errors import ConfigError
 from sslvit.distributed import is_main_process
+from sslvit.errors import ConfigError
 from sslvit.rundir import METRICS_FILE, RunDir
 
 log = logging.getLogger(__name__)
@@ -142,15 +142,34 @@ class Stage:
 # Keys a resumed run may change without `resume_changes=true`: how long and how it is logged, checkpointed and
 # evaluated; the optimiser (lowering optim.lr is how a diverging run is rescued); where the data lies and how it is
 # read; the compute dtype and memory options (model.dtype=float32 rescues a bfloat16 run); process layout.
-RESUME_MAY_CHANGE = ("steps", "resume", "resume_changes", "progress", "log_every", "ckpt_every", "keep_checkpoints",
-                     "eval_batches", "max_nonfinite_streak", "optim.", "distributed.", "data.data_dir", "data.cache",
-                     "data.download", "data.verify_images", "data.on_corrupt", "model.dtype", "model.remat",
-                     "model.unroll_layers", "target.path", "monitor.")
+RESUME_MAY_CHANGE = (
+    "steps",
+    "resume",
+    "resume_changes",
+    "progress",
+    "log_every",
+    "ckpt_every",
+    "keep_checkpoints",
+    "eval_batches",
+    "max_nonfinite_streak",
+    "optim.",
+    "distributed.",
+    "data.data_dir",
+    "data.cache",
+    "data.download",
+    "data.verify_images",
+    "data.on_corrupt",
+    "model.dtype",
+    "model.remat",
+    "model.unroll_layers",
+    "target.path",
+    "monitor.",
+)
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for k, v in (tree.items() if isinstance(tree, Mapping) else ()):
+    for k, v in tree.items() if isinstance(tree, Mapping) else ():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping):
             out.update(_flat(v, key + "."))
@@ -162,8 +181,11 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 def resume_differences(before: Mapping, now: Mapping) -> dict[str, tuple[Any, Any]]:
     """{dotted key: (value the run had, value now)} for the keys both configs have, outside RESUME_MAY_CHANGE."""
     a, b = _flat(before), _flat(now)
-    return {k: (a[k], b[k]) for k in sorted(a.keys() & b.keys())
-            if a[k] != b[k] and not any(k == m or (m.endswith(".") and k.startswith(m)) for m in RESUME_MAY_CHANGE)}
+    return {
+        k: (a[k], b[k])
+        for k in sorted(a.keys() & b.keys())
+        if a[k] != b[k] and not any(k == m or (m.endswith(".") and k.startswith(m)) for m in RESUME_MAY_CHANGE)
+    }
 
 
 class TrainingStage(Stage):
@@ -220,8 +242,14 @@ class TrainingStage(Stage):
         if dc.source_name == "arrays":
             from sslvit.data.arrays import device_data  # noqa: PLC0415
 
-            self.device_data = device_data(dc, batch_size=self.batch_size, image_size=image_size,
-                                           crop_scale=crop_scale, seed=self.config.seed, with_labels=with_labels)
+            self.device_data = device_data(
+                dc,
+                batch_size=self.batch_size,
+                image_size=image_size,
+                crop_scale=crop_scale,
+                seed=self.config.seed,
+                with_labels=with_labels,
+            )
 
     def input_batches(self, start_step: int, *, image_size: int, crop_scale=None) -> Iterator[dict]:
         """This process's rows of each step's input from `start_step` on: {'index'} when the split is on the devices
@@ -230,8 +258,14 @@ class TrainingStage(Stage):
             return self.device_data.index_batches(start_step, jax.process_index(), jax.process_count())
         from sslvit import data as data_lib  # noqa: PLC0415
 
-        return data_lib.make_train_iterator(self.config.data, batch_size=self.local_batch_size, image_size=image_size,
-                                            seed=self.config.seed, start_step=start_step, crop_scale=crop_scale)
+        return data_lib.make_train_iterator(
+            self.config.data,
+            batch_size=self.local_batch_size,
+            image_size=image_size,
+            seed=self.config.seed,
+            start_step=start_step,
+            crop_scale=crop_scale,
+        )
 
     # -------------------------------------------------------------------------------------- the run
     def build(self, mesh, total_steps: int, variables: tuple[Any, Any, Any] | None = None):
@@ -242,12 +276,14 @@ class TrainingStage(Stage):
 
         rep = replicated(mesh)
         params, frozen, stats = variables if variables is not None else self.initial_variables()
-        optimizer, schedule = optim.make_optimizer(self.config.optim, params, total_steps=total_steps,
-                                                   depth=self.layer_decay_depth)
+        optimizer, schedule = optim.make_optimizer(
+            self.config.optim, params, total_steps=total_steps, depth=self.layer_decay_depth
+        )
         state = jax.jit(lambda p, f, s: TrainState.create(p, f, s, optimizer), out_shardings=rep)(params, frozen, stats)
         loss_fn = self.loss_fn if self.device_data is None else self.device_data.wrap_loss(self.loss_fn)
-        step_fn = make_train_step(loss_fn, optimizer, seed=self.config.seed,
-                                  accum_steps=self.config.optim.accum_steps, schedule=schedule)
+        step_fn = make_train_step(
+            loss_fn, optimizer, seed=self.config.seed, accum_steps=self.config.optim.accum_steps, schedule=schedule
+        )
         return state, jax.jit(step_fn, donate_argnums=(0,), out_shardings=(rep, rep))
 
     def abstract_batch(self, mesh) -> dict:
@@ -266,9 +302,11 @@ class TrainingStage(Stage):
             return
         key = self.run_dir.key
         if cfg.steps < steps[-1]:
-            raise ConfigError(f"steps={cfg.steps} is below step {steps[-1]}, which the run in {self.run_dir.path} "
-                              f"already reached: pass steps={steps[-1]} or more to continue it (or choose another "
-                              f"{key} for a shorter run)")
+            raise ConfigError(
+                f"steps={cfg.steps} is below step {steps[-1]}, which the run in {self.run_dir.path} "
+                f"already reached: pass steps={steps[-1]} or more to continue it (or choose another "
+                f"{key} for a shorter run)"
+            )
         from sslvit.checkpoint import load_meta  # noqa: PLC0415
 
         before = load_meta(self.run_dir.checkpoints).get("config")  # falls back past damaged steps
@@ -276,10 +314,12 @@ class TrainingStage(Stage):
         if changed and not cfg.resume_changes:
             k, (was, now) = next(iter(changed.items()))
             more = f" (and {len(changed) - 1} more: {', '.join(list(changed)[1:4])})" if len(changed) > 1 else ""
-            raise ConfigError(f"resume=true with {k}={now!r}, but the run in {self.run_dir.path} was trained with "
-                              f"{k}={was!r}{more}: a resumed run is exact only with the same values; drop the "
-                              f"override, or pass resume_changes=true to continue with the change (recorded in "
-                              f"{METRICS_FILE})")
+            raise ConfigError(
+                f"resume=true with {k}={now!r}, but the run in {self.run_dir.path} was trained with "
+                f"{k}={was!r}{more}: a resumed run is exact only with the same values; drop the "
+                f"override, or pass resume_changes=true to continue with the change (recorded in "
+                f"{METRICS_FILE})"
+            )
         self.resume_changes = changed
         for k, (was, now) in changed.items():
             log.warning("resume_changes=true: %s changes from %r to %r on resume", k, was, now)
@@ -287,8 +327,7 @@ class TrainingStage(Stage):
     def execute(self) -> dict:
         from sslvit.checkpoint import Checkpointer  # noqa: PLC0415
         from sslvit.metrics import MetricWriter  # noqa: PLC0415
-        from sslvit.train import batch_sharding, fit, make_mesh, memory_report  # noqa: PLC0415
-        from sslvit.train import prefetch_to_device, replicated  # noqa: PLC0415
+        from sslvit.train import batch_sharding, fit, make_mesh, memory_report, prefetch_to_device, replicated  # noqa: PLC0415  # noqa: PLC0415
 
         cfg = self.config
         mesh = make_mesh()
@@ -325,11 +364,23 @@ class TrainingStage(Stage):
                 writer.note(start, resume_changes={k: list(v) for k, v in self.resume_changes.items()})
             t0 = time.perf_counter()
             try:
-                state, last = fit(state=state, step_fn=compiled, batches=batches, consts=consts,
-                                  total_steps=cfg.steps, checkpointer=ckpt, writer=writer, log_every=cfg.log_every,
-                                  ckpt_every=cfg.ckpt_every, images_per_step=self.batch_size, meta=self.meta(),
-                                  max_nonfinite_streak=cfg.max_nonfinite_streak, progress=cfg.progress,
-                                  desc=self.progress_label, evaluators=periodic)
+                state, last = fit(
+                    state=state,
+                    step_fn=compiled,
+                    batches=batches,
+                    consts=consts,
+                    total_steps=cfg.steps,
+                    checkpointer=ckpt,
+                    writer=writer,
+                    log_every=cfg.log_every,
+                    ckpt_every=cfg.ckpt_every,
+                    images_per_step=self.batch_size,
+                    meta=self.meta(),
+                    max_nonfinite_streak=cfg.max_nonfinite_streak,
+                    progress=cfg.progress,
+                    desc=self.progress_label,
+                    evaluators=periodic,
+                )
             finally:
                 writer.close()
             train_seconds = time.perf_counter() - t0
@@ -337,12 +388,21 @@ class TrainingStage(Stage):
             ckpt.close()
 
         ips = last.get("images_per_sec")
-        results = {"stage": self.name, "run_dir": str(self.run_dir.path), "steps": cfg.steps,
-                   "batch_size": self.batch_size, "train_loss": last.get("loss"),
-                   "train_accuracy": last.get("accuracy"), "images_per_sec": ips,
-                   "step_time_s": (self.batch_size / ips) if ips else None, "train_seconds": round(train_seconds, 2),
-                   "nonfinite_steps": last.get("nonfinite_steps"), "compile_seconds": round(self.compile_seconds, 2),
-                   "peak_memory_bytes": self.memory.get("peak"), "memory": self.memory}
+        results = {
+            "stage": self.name,
+            "run_dir": str(self.run_dir.path),
+            "steps": cfg.steps,
+            "batch_size": self.batch_size,
+            "train_loss": last.get("loss"),
+            "train_accuracy": last.get("accuracy"),
+            "images_per_sec": ips,
+            "step_time_s": (self.batch_size / ips) if ips else None,
+            "train_seconds": round(train_seconds, 2),
+            "nonfinite_steps": last.get("nonfinite_steps"),
+            "compile_seconds": round(self.compile_seconds, 2),
+            "peak_memory_bytes": self.memory.get("peak"),
+            "memory": self.memory,
+        }
         if self.resume_changes:
             results["resume_changes"] = {k: list(v) for k, v in self.resume_changes.items()}
         results.update(self.results(state, last))
@@ -358,6 +418,11 @@ class TrainingStage(Stage):
 
     def log_start(self, state, start: int) -> None:
         """One line saying what trains (override for more)."""
-        log.info("%s from step %d: %s trainable parameters; step compiled in %.1fs, peak memory %s MiB", self.name,
-                 start, f"{count_params(state.params):,}", self.compile_seconds,
-                 f"{self.memory['peak'] / 2**20:.1f}" if self.memory.get("peak") else "?")
+        log.info(
+            "%s from step %d: %s trainable parameters; step compiled in %.1fs, peak memory %s MiB",
+            self.name,
+            start,
+            f"{count_params(state.params):,}",
+            self.compile_seconds,
+            f"{self.memory['peak'] / 2**20:.1f}" if self.memory.get("peak") else "?",
+        )

@@ -159,8 +159,9 @@ class Target(abc.ABC):
     def num_outputs(self) -> int:
         """Width of the prediction head."""
 
-    def fit(self, images_iterator: Iterable[Any], *, rng: np.random.Generator | int,
-            num_samples: int | None = None) -> State:
+    def fit(
+        self, images_iterator: Iterable[Any], *, rng: np.random.Generator | int, num_samples: int | None = None
+    ) -> State:
         """Host-side fit of the target's state (tokenizer). Default: nothing to fit."""
         del images_iterator, rng, num_samples
         return {}
@@ -170,8 +171,9 @@ class Target(abc.ABC):
         """Per-patch targets for NHWC images (on device, jittable)."""
 
     @abc.abstractmethod
-    def loss(self, predictions: jax.Array, targets: jax.Array,
-             mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def loss(
+        self, predictions: jax.Array, targets: jax.Array, mask: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(scalar loss, metrics) averaged over masked positions only; computed in float32."""
 
     def chance_accuracy(self, state: State) -> float | None:
@@ -188,8 +190,11 @@ class Target(abc.ABC):
     def save(self, state: State, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"__target__": np.asarray(self.name), "__patch_size__": np.asarray(self.patch_size),
-                "__channels__": np.asarray(self.channels)}
+        meta = {
+            "__target__": np.asarray(self.name),
+            "__patch_size__": np.asarray(self.patch_size),
+            "__channels__": np.asarray(self.channels),
+        }
         # Written aside, then renamed: a run killed mid-write must not leave a truncated tokenizer for resume (and a
         # stop signal waits for the rename: no stray temporary file).
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -207,19 +212,27 @@ class Target(abc.ABC):
         if not path.is_file():
             raise ConfigError(
                 f"{what}: no such file; point it at a {TOKENIZER_FILENAME} saved by an "
-                f"earlier run, or set target.path=null to fit a new tokenizer" if key == "target.path" else
-                f"{what} is missing: restore it from a copy (the run's checkpoints were trained against it)"
+                f"earlier run, or set target.path=null to fit a new tokenizer"
+                if key == "target.path"
+                else f"{what} is missing: restore it from a copy (the run's checkpoints were trained against it)"
             )
         try:
             with np.load(path, allow_pickle=False) as data:
                 flat = {k: data[k] for k in data.files}
-            saved = (str(flat.pop("__target__", "?")), int(flat.pop("__patch_size__", -1)),
-                     int(flat.pop("__channels__", -1)))
+            saved = (
+                str(flat.pop("__target__", "?")),
+                int(flat.pop("__patch_size__", -1)),
+                int(flat.pop("__channels__", -1)),
+            )
         except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as e:  # truncated, not npz
-            fix = ("restore it from a copy (the run's checkpoints were trained against it)" if key != "target.path"
-                   else f"point target.path at a {TOKENIZER_FILENAME} saved by pretrain.py, or set target.path=null")
-            raise ConfigError(f"{what} is not a readable tokenizer file ({type(e).__name__}: "
-                              f"{' '.join(str(e).split())[:120]}): {fix}") from e
+            fix = (
+                "restore it from a copy (the run's checkpoints were trained against it)"
+                if key != "target.path"
+                else f"point target.path at a {TOKENIZER_FILENAME} saved by pretrain.py, or set target.path=null"
+            )
+            raise ConfigError(
+                f"{what} is not a readable tokenizer file ({type(e).__name__}: {' '.join(str(e).split())[:120]}): {fix}"
+            ) from e
         if saved != (self.name, self.patch_size, self.channels):
             raise ConfigError(
                 f"{what}: saved for target={saved[0]}, patch_size={saved[1]}, channels={saved[2]} "
@@ -240,12 +253,21 @@ class KMeansTarget(Target):
 
     name = "kmeans"
 
-    def __init__(self, *, patch_size: int, channels: int = 3, vocab_size: int = 512, num_samples: int = 100_000,
-                 iters: int = 20, patches_per_image: int | None = None):
+    def __init__(
+        self,
+        *,
+        patch_size: int,
+        channels: int = 3,
+        vocab_size: int = 512,
+        num_samples: int = 100_000,
+        iters: int = 20,
+        patches_per_image: int | None = None,
+    ):
         super().__init__(patch_size=patch_size, channels=channels)
         self.vocab_size = Integer(min=2, max=65536)(vocab_size, "target.vocab_size")
         self.num_samples = Integer(min=self.vocab_size)(
-            num_samples, "target.num_samples", f"(k-means needs at least vocab_size={self.vocab_size} patches)")
+            num_samples, "target.num_samples", f"(k-means needs at least vocab_size={self.vocab_size} patches)"
+        )
         self.iters = Integer(min=1)(iters, "target.iters")
         self.patches_per_image = (
             None if patches_per_image is None else Integer(min=1)(patches_per_image, "target.patches_per_image")
@@ -267,7 +289,7 @@ class KMeansTarget(Target):
             b, n, d = patches.shape
             if d != self.patch_dim:
                 raise ConfigError(
-                    f"data.channels: images have {d // self.patch_size ** 2} channels but the target was built "
+                    f"data.channels: images have {d // self.patch_size**2} channels but the target was built "
                     f"with channels={self.channels}; pass the dataset's channel count"
                 )
             per_image = min(n, self.patches_per_image or max(1, n // 4))
@@ -286,16 +308,21 @@ class KMeansTarget(Target):
             )
         return normalize_patches(np.concatenate(parts, axis=0).astype(np.float32))
 
-    def fit(self, images_iterator: Iterable[Any], *, rng: np.random.Generator | int,
-            num_samples: int | None = None) -> State:
+    def fit(
+        self, images_iterator: Iterable[Any], *, rng: np.random.Generator | int, num_samples: int | None = None
+    ) -> State:
         rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
         if num_samples is None:
             num_samples = self.num_samples
         else:
             num_samples = Integer(min=self.vocab_size)(num_samples, "target.num_samples")
         t0 = time.perf_counter()
-        logger.info("k-means tokenizer: sampling %d patches, then %d iterations of K=%d", num_samples, self.iters,
-                    self.vocab_size)
+        logger.info(
+            "k-means tokenizer: sampling %d patches, then %d iterations of K=%d",
+            num_samples,
+            self.iters,
+            self.vocab_size,
+        )
         x = self.sample_patches(images_iterator, rng, num_samples)
         t1 = time.perf_counter()
         result = kmeans(x, self.vocab_size, iters=self.iters, seed=int(rng.integers(2**31)))
@@ -305,16 +332,25 @@ class KMeansTarget(Target):
         logger.info(
             "k-means tokenizer: K=%d, %d patches of dim %d, %d iters; sampling %.1fs, fit %.1fs; "
             "inertia %.4f, empty codes %d, chance accuracy %.4f",
-            self.vocab_size, len(x), x.shape[1], self.iters, t1 - t0, t2 - t1, float(result["inertia"]),
-            int((counts == 0).sum()), self.chance_accuracy(state),
+            self.vocab_size,
+            len(x),
+            x.shape[1],
+            self.iters,
+            t1 - t0,
+            t2 - t1,
+            float(result["inertia"]),
+            int((counts == 0).sum()),
+            self.chance_accuracy(state),
         )
         return state
 
     def validate_state(self, state: State, source: str = "state") -> None:
         codebook = state.get("codebook")
         if codebook is None or "counts" not in state:
-            raise ConfigError(f"{source}: not a k-means tokenizer (needs 'codebook' and 'counts'); "
-                              f"fit a new one with target.path=null")
+            raise ConfigError(
+                f"{source}: not a k-means tokenizer (needs 'codebook' and 'counts'); "
+                f"fit a new one with target.path=null"
+            )
         if tuple(codebook.shape) != (self.vocab_size, self.patch_dim):
             raise ConfigError(
                 f"{source}: codebook has shape {tuple(codebook.shape)} but target.vocab_size={self.vocab_size} and "

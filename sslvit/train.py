@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sslvit import signals
 from sslvit.distributed import is_main_process
@@ -43,8 +44,15 @@ class TrainState(struct.PyTreeNode):
         def zero():  # distinct buffers: one shared array would be donated twice
             return jnp.zeros((), jnp.int32)
 
-        return cls(step=zero(), params=params, frozen=frozen, batch_stats=batch_stats or {},
-                   opt_state=optimizer.init(params), nonfinite_total=zero(), nonfinite_streak=zero())
+        return cls(
+            step=zero(),
+            params=params,
+            frozen=frozen,
+            batch_stats=batch_stats or {},
+            opt_state=optimizer.init(params),
+            nonfinite_total=zero(),
+            nonfinite_streak=zero(),
+        )
 
     def all_params(self):
         return merge(self.params, self.frozen)
@@ -53,8 +61,14 @@ class TrainState(struct.PyTreeNode):
 LossFn = Callable[[Any, Any, Mapping[str, jax.Array], jax.Array, Any], tuple[jax.Array, tuple[dict, Any]]]
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, seed: int,
-                    accum_steps: int = 1, schedule: Optional[optax.Schedule] = None):
+def make_train_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    seed: int,
+    accum_steps: int = 1,
+    schedule: Optional[optax.Schedule] = None,
+):
     """A pure train step `(state, batch, consts) -> (state, metrics)`.
 
     Randomness is `fold_in(key(seed), step)`: a resumed run draws the same dropout / drop-path masks. With
@@ -74,7 +88,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     def step_fn(state: TrainState, batch, consts=None):
         rng = jax.random.fold_in(base_key, state.step)
         if accum_steps == 1:
-            loss, metrics, new_stats, grads = grads_of(state.params, state.frozen, state.batch_stats, batch, rng, consts)
+            loss, metrics, new_stats, grads = grads_of(
+                state.params, state.frozen, state.batch_stats, batch, rng, consts
+            )
         else:
             # Micro-batch j takes rows j, j+A, j+2A...: each device keeps its own rows (no resharding).
             micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, accum_steps, *x.shape[1:]), 0, 1), batch)
@@ -82,20 +98,22 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
             def body(carry, xs):
                 g_sum, stats, l_sum, m_sum = carry
                 j, mb = xs
-                loss, metrics, stats, grads = grads_of(state.params, state.frozen, stats, mb,
-                                                       jax.random.fold_in(rng, j), consts)
+                loss, metrics, stats, grads = grads_of(
+                    state.params, state.frozen, stats, mb, jax.random.fold_in(rng, j), consts
+                )
                 g_sum = jax.tree.map(jnp.add, g_sum, grads)
                 m_sum = jax.tree.map(jnp.add, m_sum, metrics)
                 return (g_sum, stats, l_sum + loss, m_sum), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             first = jax.tree.map(lambda x: x[0], micro)
-            m_shape = jax.eval_shape(lambda: grads_of(state.params, state.frozen, state.batch_stats, first, rng,
-                                                       consts)[1])
+            m_shape = jax.eval_shape(
+                lambda: grads_of(state.params, state.frozen, state.batch_stats, first, rng, consts)[1]
+            )
             m_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
             (grads, new_stats, loss, metrics), _ = jax.lax.scan(
-                body, (zeros, state.batch_stats, jnp.zeros((), jnp.float32), m_zero),
-                (jnp.arange(accum_steps), micro))
+                body, (zeros, state.batch_stats, jnp.zeros((), jnp.float32), m_zero), (jnp.arange(accum_steps), micro)
+            )
             grads = jax.tree.map(lambda g: g / accum_steps, grads)
             loss = loss / accum_steps
             metrics = jax.tree.map(lambda m: m / accum_steps, metrics)
@@ -144,8 +162,9 @@ def to_global(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
-def prefetch_to_device(host_batches: Iterator[Mapping[str, np.ndarray]], sharding: NamedSharding,
-                       size: int = 2) -> Iterator[dict]:
+def prefetch_to_device(
+    host_batches: Iterator[Mapping[str, np.ndarray]], sharding: NamedSharding, size: int = 2
+) -> Iterator[dict]:
     """Prepare and transfer the next batches in a background thread while the device computes."""
     q: queue.Queue = queue.Queue(maxsize=size)
     done = object()
@@ -198,11 +217,24 @@ def _on_any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
-def fit(*, state: TrainState, step_fn, batches: Iterator[dict], total_steps: int, checkpointer, writer,
-        consts=None,
-        log_every: int, ckpt_every: int, images_per_step: int, meta: dict, max_nonfinite_streak: int = 20,
-        progress: bool = True, desc: str = "train",
-        evaluators: Sequence[tuple[int, Any]] = ()) -> tuple[TrainState, dict]:
+def fit(
+    *,
+    state: TrainState,
+    step_fn,
+    batches: Iterator[dict],
+    total_steps: int,
+    checkpointer,
+    writer,
+    consts=None,
+    log_every: int,
+    ckpt_every: int,
+    images_per_step: int,
+    meta: dict,
+    max_nonfinite_streak: int = 20,
+    progress: bool = True,
+    desc: str = "train",
+    evaluators: Sequence[tuple[int, Any]] = (),
+) -> tuple[TrainState, dict]:
     """Run `step_fn` from `state.step` to `total_steps`. Logs every `log_every` steps (the only host reads),
     checkpoints every `ckpt_every` steps and at the end; SIGTERM/Ctrl-C saves the current step and raises
     `Preempted`; too many consecutive non-finite steps raises NonFiniteError naming the last good checkpoint.
@@ -247,12 +279,16 @@ def fit(*, state: TrainState, step_fn, batches: Iterator[dict], total_steps: int
                 if streak >= max_nonfinite_streak:
                     # Skipped steps leave the state untouched, so every saved checkpoint holds finite parameters.
                     good = checkpointer.latest_step()
-                    where = (f"the last good checkpoint is step {good} in {checkpointer.directory}" if good is not None
-                             else "no checkpoint was saved yet")
+                    where = (
+                        f"the last good checkpoint is step {good} in {checkpointer.directory}"
+                        if good is not None
+                        else "no checkpoint was saved yet"
+                    )
                     raise NonFiniteError(
                         f"{streak} consecutive steps had a non-finite loss or gradient (up to step {done}, "
                         f"{int(jax.device_get(state.nonfinite_total))} in all); stopping: {where}. Lower optim.lr, "
-                        f"raise optim.warmup_steps or use model.dtype=float32, then run again with resume=true")
+                        f"raise optim.warmup_steps or use model.dtype=float32, then run again with resume=true"
+                    )
             bar.update(1)
             if _on_any_process(stop.received is not None):
                 checkpointer.save(done, state, meta=meta, force=True)
@@ -283,11 +319,13 @@ def memory_report(compiled) -> dict:
     outputs that alias donated arguments (counted once). Bytes; {} where the backend does not say."""
     try:
         ma = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - best-effort: some backends raise NotImplementedError
+    except Exception:
         ma = None
     if ma is None:
         return {}
-    out = {name: int(getattr(ma, f"{name}_size_in_bytes", 0) or 0)
-           for name in ("argument", "output", "temp", "alias", "generated_code")}
+    out = {
+        name: int(getattr(ma, f"{name}_size_in_bytes", 0) or 0)
+        for name in ("argument", "output", "temp", "alias", "generated_code")
+    }
     out["peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
     return out

@@ -65,8 +65,9 @@ def mask_pixels(mask: np.ndarray, grid_hw: tuple[int, int], patch_size: int) -> 
     return np.repeat(np.repeat(m, patch_size, axis=1), patch_size, axis=2)[..., None]
 
 
-def composite(masked_content: np.ndarray, visible_content: np.ndarray, pixel_mask: np.ndarray,
-              fade: float = FADE) -> np.ndarray:
+def composite(
+    masked_content: np.ndarray, visible_content: np.ndarray, pixel_mask: np.ndarray, fade: float = FADE
+) -> np.ndarray:
     """`masked_content` at masked pixels, `visible_content` faded towards white elsewhere."""
     return np.where(pixel_mask, masked_content, visible_content * (1.0 - fade) + fade)
 
@@ -101,7 +102,7 @@ def make_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = PAD_PX) -> np.nda
                 raise ValueError(f"grid cell ({i}, {j}) has shape {cell.shape[:2]}, expected {(h, w)}")
             cell = np.repeat(cell, 3, axis=-1) if cell.shape[-1] == 1 else cell[..., :3]
             y, x = pad + i * (h + pad), pad + j * (w + pad)
-            out[y:y + h, x:x + w] = cell
+            out[y : y + h, x : x + w] = cell
     return out
 
 
@@ -137,11 +138,15 @@ def load_run(run: str | os.PathLike, step: int | None = None) -> LoadedRun:
     step, trees, meta = load_checkpoint(ckpt_dir, step, subtrees=("params",), optional=("batch_stats",))
     params, batch_stats = trees["params"], trees.get("batch_stats") or {}  # no BatchNorm: no batch_stats entry
     if meta.get("stage") != "pretrain" or not isinstance(meta.get("config"), Mapping):
-        raise ConfigError(f"run={os.fspath(run)!r} is a {meta.get('stage', 'unknown')!r} run: visualize needs a "
-                          f"pretraining run (made by pretrain.py; its checkpoint meta holds stage 'pretrain')")
+        raise ConfigError(
+            f"run={os.fspath(run)!r} is a {meta.get('stage', 'unknown')!r} run: visualize needs a "
+            f"pretraining run (made by pretrain.py; its checkpoint meta holds stage 'pretrain')"
+        )
     if "head" not in params or "encoder" not in params:
-        raise ConfigError(f"the checkpoint in {ckpt_dir} has no pretext head (params hold {sorted(params)}); pass the "
-                          f"dir of a pretraining run")
+        raise ConfigError(
+            f"the checkpoint in {ckpt_dir} has no pretext head (params hold {sorted(params)}); pass the "
+            f"dir of a pretraining run"
+        )
 
     cfg = dict(meta["config"])
     cfg["target"] = dict(cfg["target"], path=None)  # the run's own tokenizer is loaded below
@@ -152,10 +157,20 @@ def load_run(run: str | os.PathLike, step: int | None = None) -> LoadedRun:
         target_state = stage.target.load(run_dir / targets.TOKENIZER_FILENAME, key="the run's tokenizer")
     variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
     encoder = stage.encoder
-    return LoadedRun(run_dir=run_dir, step=step, config=cfg, model=stage.model, variables=variables,
-                     target=stage.target, target_state=target_state, sampler=stage.sampler,
-                     image_size=stage.image_size, patch_size=encoder.patch_size, grid_hw=tuple(encoder.grid_size),
-                     data_cfg=stage.data_cfg)
+    return LoadedRun(
+        run_dir=run_dir,
+        step=step,
+        config=cfg,
+        model=stage.model,
+        variables=variables,
+        target=stage.target,
+        target_state=target_state,
+        sampler=stage.sampler,
+        image_size=stage.image_size,
+        patch_size=encoder.patch_size,
+        grid_hw=tuple(encoder.grid_size),
+        data_cfg=stage.data_cfg,
+    )
 
 
 @dataclasses.dataclass
@@ -173,8 +188,14 @@ class Panels:
         return [[self.image[i], self.masked[i], self.target[i], self.prediction[i]] for i in range(len(self.image))]
 
 
-def _patch_images(patches: np.ndarray, reference: np.ndarray, normalized: bool, lr: LoadedRun,
-                  mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+def _patch_images(
+    patches: np.ndarray,
+    reference: np.ndarray,
+    normalized: bool,
+    lr: LoadedRun,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> np.ndarray:
     """Per-patch vectors (B, N, D) -> display images, rescaled to the original patches' statistics if normalised."""
     from sslvit.targets import unpatchify  # noqa: PLC0415
 
@@ -184,8 +205,9 @@ def _patch_images(patches: np.ndarray, reference: np.ndarray, normalized: bool, 
     return denormalize_images(images, mean, std)
 
 
-def compute_panels(lr: LoadedRun, images: np.ndarray, mask: np.ndarray, mean: Sequence[float],
-                   std: Sequence[float]) -> Panels:
+def compute_panels(
+    lr: LoadedRun, images: np.ndarray, mask: np.ndarray, mean: Sequence[float], std: Sequence[float]
+) -> Panels:
     """Run the model on data-normalised `images` with `mask` (B, N) and draw the four columns."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
@@ -202,8 +224,7 @@ def compute_panels(lr: LoadedRun, images: np.ndarray, mask: np.ndarray, mean: Se
         _, metrics = lr.target.loss(preds, tokens, m)
         return preds, tokens, metrics
 
-    preds, tokens, metrics = jax.device_get(run(lr.variables, jax.tree.map(jnp.asarray, lr.target_state),
-                                                images, mask))
+    preds, tokens, metrics = jax.device_get(run(lr.variables, jax.tree.map(jnp.asarray, lr.target_state), images, mask))
     reference = np.asarray(patchify(images, lr.patch_size))  # the original patches, data-normalised
     if lr.target.name == "kmeans":
         codebook = np.asarray(lr.target_state["codebook"], np.float32)
@@ -216,14 +237,20 @@ def compute_panels(lr: LoadedRun, images: np.ndarray, mask: np.ndarray, mean: Se
     px = mask_pixels(mask, lr.grid_hw, lr.patch_size)
     target_img = _patch_images(target_patches, reference, normalized, lr, mean, std)
     pred_img = _patch_images(pred_patches, reference, normalized, lr, mean, std)
-    return Panels(image=shown, masked=np.where(px, MASK_GREY, shown), target=composite(target_img, shown, px),
-                  prediction=composite(pred_img, shown, px), metric_name=metric_name,
-                  metric=float(metrics[metric_name]))
+    return Panels(
+        image=shown,
+        masked=np.where(px, MASK_GREY, shown),
+        target=composite(target_img, shown, px),
+        prediction=composite(pred_img, shown, px),
+        metric_name=metric_name,
+        metric=float(metrics[metric_name]),
+    )
 
 
 # ------------------------------------------------------------------------------------------ figure
-def save_grid(rows: Sequence[Sequence[np.ndarray]], path: str | os.PathLike, title: str,
-              columns: Sequence[str] = COLUMNS) -> tuple[int, int]:
+def save_grid(
+    rows: Sequence[Sequence[np.ndarray]], path: str | os.PathLike, title: str, columns: Sequence[str] = COLUMNS
+) -> tuple[int, int]:
     """Write the cells as a PNG, pixel for pixel (no resampling), under a header with the title and column
     labels; returns its (height, width), which is `grid_size(...)`."""
     import matplotlib  # noqa: PLC0415
@@ -252,7 +279,6 @@ def visualize(cfg: Mapping, out: str | os.PathLike | None = None) -> dict:
     """Draw the grid for `cfg` (keys of conf/visualize.yaml: run, step, num_images, seed, split, data_dir, scale,
     out); returns {'path', 'metric_name', 'metric', 'num_images', 'step', 'size': (height, width)}."""
     from sslvit.config.stages import VisualizeConfig  # noqa: PLC0415
-
     from sslvit.paths import check_file  # noqa: PLC0415
 
     c = VisualizeConfig.parse(cfg)
@@ -268,9 +294,11 @@ def visualize(cfg: Mapping, out: str | os.PathLike | None = None) -> dict:
     height, width = grid_size(num_images, (lr.image_size, lr.image_size), scale)
     if height * width > MAX_PIXELS:
         fit = max((s for s in range(1, scale) if _area(num_images, lr.image_size, s) <= MAX_PIXELS), default=None)
-        raise ConfigError(f"scale={scale} with num_images={num_images} of {lr.image_size}-px images makes a "
-                          f"{width}x{height} px PNG, over the {MAX_PIXELS // 10**6} Mpx limit: "
-                          + (f"use scale={fit} or less" if fit else "use fewer num_images"))
+        raise ConfigError(
+            f"scale={scale} with num_images={num_images} of {lr.image_size}-px images makes a "
+            f"{width}x{height} px PNG, over the {MAX_PIXELS // 10**6} Mpx limit: "
+            + (f"use scale={fit} or less" if fit else "use fewer num_images")
+        )
 
     from sslvit import data as data_lib  # noqa: PLC0415  (TensorFlow: only once the run is known to be good)
 
@@ -284,17 +312,41 @@ def visualize(cfg: Mapping, out: str | os.PathLike | None = None) -> dict:
     rows = [[upscale(c, scale) for c in row] for row in panels.rows()]
     if panels.metric_name == "accuracy":
         chance = lr.target.chance_accuracy(lr.target_state)
-        what = (f"masked-token accuracy on these {len(images)} images: {100 * panels.metric:.1f}% "
-                f"(chance {100 * chance:.1f}%, {lr.target.num_outputs} k-means tokens)")
+        what = (
+            f"masked-token accuracy on these {len(images)} images: {100 * panels.metric:.1f}% "
+            f"(chance {100 * chance:.1f}%, {lr.target.num_outputs} k-means tokens)"
+        )
     else:
         what = f"masked-patch MSE on these {len(images)} images: {panels.metric:.4f} (pixel target)"
-    title = (f"{lr.run_dir.name} @ step {lr.step}: {lr.sampler.name} mask, {lr.sampler.num_masked}/"
-             f"{lr.sampler.num_patches} patches\n{what}")
+    title = (
+        f"{lr.run_dir.name} @ step {lr.step}: {lr.sampler.name} mask, {lr.sampler.num_masked}/"
+        f"{lr.sampler.num_patches} patches\n{what}"
+    )
     size = save_grid(rows, path, title)
     log.info("wrote %s (%dx%d px); %s", path, size[1], size[0], what)
-    return {"path": str(path), "metric_name": panels.metric_name, "metric": panels.metric,
-            "num_images": len(images), "step": lr.step, "size": size, "title": title}
+    return {
+        "path": str(path),
+        "metric_name": panels.metric_name,
+        "metric": panels.metric,
+        "num_images": len(images),
+        "step": lr.step,
+        "size": size,
+        "title": title,
+    }
 
 
-__all__ = ["COLUMNS", "LoadedRun", "Panels", "compute_panels", "composite", "denormalize_images",
-           "denormalize_patches", "grid_size", "load_run", "make_grid", "mask_pixels", "save_grid", "visualize"]
+__all__ = [
+    "COLUMNS",
+    "LoadedRun",
+    "Panels",
+    "compute_panels",
+    "composite",
+    "denormalize_images",
+    "denormalize_patches",
+    "grid_size",
+    "load_run",
+    "make_grid",
+    "mask_pixels",
+    "save_grid",
+    "visualize",
+]

@@ -18,16 +18,30 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # 60 steps of batch 64 on 2048 CIFAR-10 images, 64-code k-means tokenizer fitted on 20k patches, the online k-NN
 # monitor at steps 30 and 60 (512 train images against 256 test images).
 TINY_PRETRAIN = [
-    "model.dim=64", "model.depth=2", "model.heads=2", "model.mlp_dim=128", "steps=60", "log_every=10",
-    "ckpt_every=30", "optim.warmup_steps=5", "optim.lr=3e-3", "data.train_split='train[:2048]'",
-    "target.vocab_size=64", "target.num_samples=20000", "eval_batches=4", "batch_size=64", "progress=false",
-    "monitor.every=30", "monitor.num_train=512", "monitor.num_test=256",
+    "model.dim=64",
+    "model.depth=2",
+    "model.heads=2",
+    "model.mlp_dim=128",
+    "steps=60",
+    "log_every=10",
+    "ckpt_every=30",
+    "optim.warmup_steps=5",
+    "optim.lr=3e-3",
+    "data.train_split='train[:2048]'",
+    "target.vocab_size=64",
+    "target.num_samples=20000",
+    "eval_batches=4",
+    "batch_size=64",
+    "progress=false",
+    "monitor.every=30",
+    "monitor.num_train=512",
+    "monitor.num_test=256",
 ]
 
 
 def compose_config(config_name: str, overrides: Sequence[str] = ()):
     """The repo's Hydra config `conf/<config_name>.yaml` with command-line style overrides."""
-    from hydra import compose, initialize_config_dir  # noqa: PLC0415
+    from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name, overrides=list(overrides))
@@ -45,8 +59,10 @@ def cifar10_dir() -> str | None:
     return d if d and (Path(d) / "cifar10").is_dir() else None
 
 
-NO_CIFAR10 = ("CIFAR-10 not prepared: set TFDS_DATA_DIR to a tfds data dir holding cifar10 "
-              "(e.g. ../shared/tensorflow_datasets); no internet here")
+NO_CIFAR10 = (
+    "CIFAR-10 not prepared: set TFDS_DATA_DIR to a tfds data dir holding cifar10 "
+    "(e.g. ../shared/tensorflow_datasets); no internet here"
+)
 # The one availability check of the integration tests: `@requires_cifar10`, or the `tfds_cifar10` fixture.
 requires_cifar10 = pytest.mark.skipif(cifar10_dir() is None, reason=NO_CIFAR10)
 
@@ -64,7 +80,7 @@ def tfds_cifar10() -> str:
 def cifar10_arrays(tfds_cifar10, tmp_path_factory) -> Path:
     """A folder with train.npz (the first 2048 CIFAR-10 training images) and test.npz (the first 512 test images),
     written by the arrays source's own tool (`python -m sslvit.data.materialize`)."""
-    from sslvit.data.materialize import materialize  # noqa: PLC0415
+    from sslvit.data.materialize import materialize
 
     out = tmp_path_factory.mktemp("cifar10_arrays")
     materialize("cifar10", out, ["train[:2048]=train", "test[:512]=test"], data_dir=tfds_cifar10)
@@ -74,7 +90,7 @@ def cifar10_arrays(tfds_cifar10, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def pretrain_run(tfds_cifar10, tmp_path_factory) -> Path:
     """The run dir of a tiny real pretraining run on CIFAR-10 (checkpoints at steps 30 and 60, tokenizer, results)."""
-    from sslvit.pretraining import pretrain  # noqa: PLC0415
+    from sslvit.pretraining import pretrain
 
     run_dir = tmp_path_factory.mktemp("pretrain_run")
     pretrain(compose_config("pretrain", TINY_PRETRAIN), run_dir)

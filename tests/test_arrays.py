@@ -14,9 +14,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import requires_cifar10
+from omegaconf import OmegaConf
 
 from sslvit import data
 from sslvit.data import ondevice
@@ -50,8 +49,10 @@ def test_materialized_arrays_hold_the_tfds_dataset(cifar10_arrays, tfds_cifar10)
     tf_cfg = OmegaConf.load(CONF / "cifar10.yaml")
     tf_cfg.test_split = "test[:512]"
     kw = dict(batch_size=200, image_size=32, **ONE)
-    ours, theirs = list(data.make_eval_iterator(arrays_cfg(cifar10_arrays), **kw)), \
-        list(data.make_eval_iterator(tf_cfg, **kw))
+    ours, theirs = (
+        list(data.make_eval_iterator(arrays_cfg(cifar10_arrays), **kw)),
+        list(data.make_eval_iterator(tf_cfg, **kw)),
+    )
     assert len(ours) == len(theirs) == 3
     for a, b in zip(ours, theirs):
         np.testing.assert_array_equal(a["valid"], b["valid"])
@@ -70,8 +71,11 @@ def test_bad_files_and_keys_are_one_line_errors(tmp_path):
     (tmp_path / "broken" / "train.npz").write_bytes(b"not a zip file")
     cases = [
         (dict(path=str(tmp_path / "missing")), "data.path=.*does not exist"),
-        (dict(path=str(tmp_path / "ok"), train_split="training"), r"data.train_split='training': no file .*splits "
-                                                                 r"here: train"),
+        (
+            dict(path=str(tmp_path / "ok"), train_split="training"),
+            r"data.train_split='training': no file .*splits "
+            r"here: train",
+        ),
         (dict(path=str(tmp_path / "float")), r"'image' must be uint8 \(N, H, W, 3\), got float32"),
         (dict(path=str(tmp_path / "short")), r"'label' must be integers \(N,\) with N = 8"),
         (dict(path=str(tmp_path / "nolabel"), label_key="y"), "has no array 'y' \\(data.label_key\\)"),
@@ -96,8 +100,14 @@ def test_slices_shards_greyscale_and_resize(tmp_path):
     images = rng.integers(0, 256, (100, 8, 8, 1), dtype=np.uint8)
     write(tmp_path, "train", images, np.arange(100) % 10)
     write(tmp_path, "test", images[:30], np.arange(30) % 10)
-    cfg = arrays_cfg(tmp_path, train_split="train[10:60%]", test_split="test[:25]", num_classes=None,
-                     mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
+    cfg = arrays_cfg(
+        tmp_path,
+        train_split="train[10:60%]",
+        test_split="test[:25]",
+        num_classes=None,
+        mean=[0.0, 0.0, 0.0],
+        std=[1.0, 1.0, 1.0],
+    )
     info = data.dataset_info(cfg)
     assert (info.num_train, info.num_test, info.num_classes, info.image_shape) == (50, 25, 10, (8, 8, 3))
     source = data.create_source(cfg)
@@ -161,7 +171,7 @@ def test_device_path_makes_the_host_iterators_batches(cifar10_arrays, with_label
     """Step k of the device path (index batch -> gather, crop, flip, normalise inside the step, keyed by the step's
     key) equals batch k of the host iterator, for pretraining (images) and fine-tuning (images and labels)."""
     cfg = data.DataConfig.from_cfg(arrays_cfg(cifar10_arrays, train_split="train[:512]"))
-    from sslvit.data.arrays import device_data  # noqa: PLC0415
+    from sslvit.data.arrays import device_data
 
     dd = device_data(cfg, batch_size=64, image_size=32, crop_scale=(0.08, 1.0), seed=7, with_labels=with_labels)
     host = data.make_train_iterator(cfg, batch_size=64, image_size=32, seed=7, crop_scale=(0.08, 1.0), **ONE)
@@ -188,14 +198,23 @@ def test_device_path_makes_the_host_iterators_batches(cifar10_arrays, with_label
 def test_pretrain_probe_and_finetune_run_with_tensorflow_blocked(cifar10_arrays, tmp_path):
     """On a host with only the JAX stack: `import tensorflow` fails (sys.modules entries set to None) and the three
     stages still run on the arrays source, loading no TensorFlow module."""
-    from test_distributed import WORKERS  # noqa: PLC0415
+    from test_distributed import WORKERS
 
-    env = dict(os.environ, PYTHONPATH=f"{WORKERS.parent}{os.pathsep}{WORKERS.parents[1]}", JAX_PLATFORMS="cpu",
-               TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, str(WORKERS / "no_tensorflow.py"), str(cifar10_arrays), str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        PYTHONPATH=f"{WORKERS.parent}{os.pathsep}{WORKERS.parents[1]}",
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="3",
+    )
+    proc = subprocess.run(
+        [sys.executable, str(WORKERS / "no_tensorflow.py"), str(cifar10_arrays), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads([s for s in proc.stdout.splitlines() if s.startswith("RESULT ")][-1][len("RESULT "):])
+    out = json.loads([s for s in proc.stdout.splitlines() if s.startswith("RESULT ")][-1][len("RESULT ") :])
     assert out["tensorflow_modules"] == []
     pre, probe, ft = out["results"]["pretrain"], out["results"]["probe"], out["results"]["finetune"]
     assert pre["steps"] == 4 and np.isfinite(pre["train_loss"]) and pre["test_batches"] == 2

@@ -27,8 +27,10 @@ def make_state(seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     params = {
         "encoder": {
-            "layers": {"qkv_kernel": jnp.asarray(rng.standard_normal((2, 4, 12)), jnp.float32),
-                       "scale": jnp.asarray(rng.standard_normal((2, 4)), jnp.bfloat16)},
+            "layers": {
+                "qkv_kernel": jnp.asarray(rng.standard_normal((2, 4, 12)), jnp.float32),
+                "scale": jnp.asarray(rng.standard_normal((2, 4)), jnp.bfloat16),
+            },
             "pos_embed": jnp.asarray(rng.standard_normal((1, 5, 4)), jnp.float32),
         },
         "head": {"kernel": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)},
@@ -140,13 +142,21 @@ def test_mismatching_template_names_the_leaf(tmp_path):
     assert "\n" not in msg and str(tmp_path) in msg and "holds a different model" in msg
     assert "params/layers/attn/qkv_kernel has shape (6, 2, 4) but the model expects (12, 1, 4)" in msg
     with pytest.raises(ConfigError, match=r"params/extra \(expected shape \(2,\)\) is missing from the checkpoint"):
-        ckpt.restore(target={"params": {"layers": {"attn": {"qkv_kernel": jnp.zeros((6, 2, 4))}},
-                                        "b": jnp.zeros(4), "extra": jnp.zeros(2)}})
+        ckpt.restore(
+            target={
+                "params": {
+                    "layers": {"attn": {"qkv_kernel": jnp.zeros((6, 2, 4))}},
+                    "b": jnp.zeros(4),
+                    "extra": jnp.zeros(2),
+                }
+            }
+        )
     with pytest.raises(ConfigError, match=r"the checkpoint has params/b \(shape \(4,\)\), which the model does not"):
         ckpt.restore(target={"params": {"layers": {"attn": {"qkv_kernel": jnp.zeros((6, 2, 4))}}}})
     # dtype differences are not a mismatch: orbax casts to the template's dtype
-    got, _ = ckpt.restore(target={"params": {"layers": {"attn": {"qkv_kernel": jnp.ones((6, 2, 4), jnp.bfloat16)}},
-                                             "b": jnp.zeros(4)}})
+    got, _ = ckpt.restore(
+        target={"params": {"layers": {"attn": {"qkv_kernel": jnp.ones((6, 2, 4), jnp.bfloat16)}}, "b": jnp.zeros(4)}}
+    )
     assert got["params"]["layers"]["attn"]["qkv_kernel"].dtype == jnp.bfloat16
 
 
@@ -202,8 +212,11 @@ def test_damaged_latest_falls_back_with_warning(tmp_path, caplog, damage):
     np.testing.assert_array_equal(got["w"], w_of(2))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(str(tmp_path / "3") in w and "damaged" in w and "falling back to step 2" in w for w in warnings)
-    with pytest.raises(ConfigError, match=r"checkpoint .*3 is damaged .*pass step=2 \(the latest usable one\) or "
-                                          r"step=null"):
+    with pytest.raises(
+        ConfigError,
+        match=r"checkpoint .*3 is damaged .*pass step=2 \(the latest usable one\) or "
+        r"step=null",
+    ):
         ckpt.restore(3, target=target)
     # the resumed run reaches step 3 again: its new save replaces the damaged one
     assert ckpt.save(3, {"w": jnp.full((1000,), 33.0), "step": jnp.int32(3)}, meta={"s": 33})
@@ -252,8 +265,13 @@ def test_save_killed_mid_write_is_not_latest(tmp_path):
         c.save(2, {{"w": jnp.asarray(big)}}, meta={{"s": 2}})
         os.kill(os.getpid(), signal.SIGKILL)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     names = sorted(p.name for p in tmp_path.iterdir())
     if "2" in names:

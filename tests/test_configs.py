@@ -1,6 +1,5 @@
 """Every shipped config composes and passes validation (cheap: nothing is trained or read)."""
 
-
 import pytest
 from conftest import CONF_DIR, compose_config
 
@@ -21,7 +20,7 @@ def test_experiment_recipes_compose_and_validate(experiment):
 
 @pytest.mark.parametrize("experiment", FINETUNE_EXPERIMENTS)
 def test_finetune_recipes_compose_and_validate(experiment):
-    from sslvit.finetune import Finetuning  # noqa: PLC0415
+    from sslvit.finetune import Finetuning
 
     f = Finetuning(compose_config("finetune", [f"experiment={experiment}", "run=null"]), None)
     assert f.config.steps > 0 and f.model.drop_path_schedule == f.config.model.drop_path_schedule
@@ -30,7 +29,7 @@ def test_finetune_recipes_compose_and_validate(experiment):
 def test_cifar10_recipes_fine_tune_from_scratch_the_architecture_they_pretrain():
     """The from-scratch baseline of the evidence (experiments/cifar10_evidence.py) is the pretrained encoder's
     architecture, with the same fine-tuning recipe as the pretrained run."""
-    from sslvit.finetune import Finetuning  # noqa: PLC0415
+    from sslvit.finetune import Finetuning
 
     p = Pretraining(compose_config("pretrain", ["experiment=cifar10_pretrain"]), None)
     f = Finetuning(compose_config("finetune", ["experiment=cifar10_finetune", "run=null"]), None)
@@ -64,29 +63,41 @@ def test_paper_recipe_values():
     assert cfg.optim.clip_grad_norm == 3.0 and cfg.optim.weight_decay == 0.05
 
 
-@pytest.mark.parametrize("script,overrides", [
-    ("pretrain", []), ("finetune", ["run=null"]), ("linear_probe", ["run=/some/run"]),
-    ("visualize", ["run=/some/run"]),
-])
+@pytest.mark.parametrize(
+    "script,overrides",
+    [
+        ("pretrain", []),
+        ("finetune", ["run=null"]),
+        ("linear_probe", ["run=/some/run"]),
+        ("visualize", ["run=/some/run"]),
+    ],
+)
 def test_every_script_config_parses_with_its_schema(script, overrides):
     from sslvit.config.stages import FinetuneConfig, LinearProbeConfig, PretrainConfig, VisualizeConfig
 
-    schema = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "linear_probe": LinearProbeConfig,
-              "visualize": VisualizeConfig}[script]
+    schema = {
+        "pretrain": PretrainConfig,
+        "finetune": FinetuneConfig,
+        "linear_probe": LinearProbeConfig,
+        "visualize": VisualizeConfig,
+    }[script]
     cfg = compose_config(script, overrides)
     parsed = schema.parse(cfg)
     assert set(cfg.keys()) <= set(parsed.to_dict())  # every key of the YAML is declared in the schema
 
 
-@pytest.mark.parametrize("override,expected", [
-    ("+model.dimm=64", "model.dimm is not a key of model: the keys are"),
-    ("+optim.lrr=5", "optim.lrr is not a key of optim"),
-    ("+stem.width=3", "stem.width is not an option of stem 'hmlp': its options are name, norm"),
-    ("+mask.min_ratio=0.3", "mask.min_ratio is not an option of mask sampler 'block'"),
-    ("+target.codes=8", "target.codes is not an option of target 'kmeans'"),
-    ("+data.paths=/x", "data.paths is not a key of data"),
-    ("+stepz=3", "stepz is not a key of this config"),
-])
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("+model.dimm=64", "model.dimm is not a key of model: the keys are"),
+        ("+optim.lrr=5", "optim.lrr is not a key of optim"),
+        ("+stem.width=3", "stem.width is not an option of stem 'hmlp': its options are name, norm"),
+        ("+mask.min_ratio=0.3", "mask.min_ratio is not an option of mask sampler 'block'"),
+        ("+target.codes=8", "target.codes is not an option of target 'kmeans'"),
+        ("+data.paths=/x", "data.paths is not a key of data"),
+        ("+stepz=3", "stepz is not a key of this config"),
+    ],
+)
 def test_keys_added_with_plus_are_rejected_in_one_line(override, expected):
     from sslvit.config.stages import PretrainConfig
     from sslvit.errors import ConfigError
@@ -96,10 +107,14 @@ def test_keys_added_with_plus_are_rejected_in_one_line(override, expected):
     assert expected in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("script,overrides,keys", [
-    ("pretrain", [], {}), ("finetune", ["run=null"], {"run": None}),
-    ("linear_probe", ["run=/a/run"], {"run": "/a/run"}),
-])
+@pytest.mark.parametrize(
+    "script,overrides,keys",
+    [
+        ("pretrain", [], {}),
+        ("finetune", ["run=null"], {"run": None}),
+        ("linear_probe", ["run=/a/run"], {"run": "/a/run"}),
+    ],
+)
 def test_benchmarks_compose_the_configs_as_hydra_does(script, overrides, keys):
     """bench/common.py composes the stages' configs without Hydra (a bare GPU host): the same config."""
     import importlib.util

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cifar10_dir, requires_cifar10
 from omegaconf import OmegaConf
 from PIL import Image
-
-from conftest import cifar10_dir, requires_cifar10
 
 from sslvit import data
 from sslvit.errors import ConfigError
@@ -108,7 +107,8 @@ def test_cifar_determinism_and_epochs_are_permutations():
 
     # Each epoch (4 steps of 64 = the 256 examples) visits every example once, in a new order.
     reference = collections.Counter(
-        int(y) for batch in data.make_eval_iterator(cfg, "train[:256]", batch_size=64, image_size=32, **ONE)
+        int(y)
+        for batch in data.make_eval_iterator(cfg, "train[:256]", batch_size=64, image_size=32, **ONE)
         for y in batch["label"]
     )
     epoch0 = np.concatenate([x["label"] for x in a[:4]])
@@ -162,7 +162,10 @@ def test_cifar_eval_counts_each_example_once():
     assert {len(s) for s in shards} == {2}
     seen = [
         (digest(im), int(y))
-        for shard in shards for b in shard for im, y, v in zip(b["image"], b["label"], b["valid"]) if v
+        for shard in shards
+        for b in shard
+        for im, y, v in zip(b["image"], b["label"], b["valid"])
+        if v
     ]
     assert len(seen) == 300 and len(set(seen)) == len(set(digest(im) for im in raw_images))
     assert collections.Counter(y for _, y in seen) == expected
@@ -173,8 +176,9 @@ def test_cifar_train_shards_are_disjoint():
     cfg = cifar_cfg(train_split="train[:256]")
     shards = []
     for pi in range(2):
-        it = data.make_train_iterator(cfg, batch_size=32, image_size=32, seed=0, augment=False,
-                                      process_index=pi, process_count=2)
+        it = data.make_train_iterator(
+            cfg, batch_size=32, image_size=32, seed=0, augment=False, process_index=pi, process_count=2
+        )
         assert it.steps_per_epoch == 4 and it.num_examples == 128
         shards.append({digest(im) for b in take(it, 4) for im in b["image"]})
     assert len(shards[0]) == len(shards[1]) == 128 and not shards[0] & shards[1]
@@ -201,10 +205,14 @@ def test_mock_tfds_pipeline(tmp_path):
 
     n = 96
     builder = tfds.builder("cifar10", data_dir=str(tmp_path))  # metadata only: mock_data reads split sizes
-    builder.info.set_splits(tfds.core.SplitDict([
-        tfds.core.SplitInfo(name=name, shard_lengths=[n], num_bytes=0, filename_template=None)
-        for name in ("train", "test")
-    ]))
+    builder.info.set_splits(
+        tfds.core.SplitDict(
+            [
+                tfds.core.SplitInfo(name=name, shard_lengths=[n], num_bytes=0, filename_template=None)
+                for name in ("train", "test")
+            ]
+        )
+    )
     os.makedirs(builder.data_dir, exist_ok=True)
     builder.info.write_to_directory(builder.data_dir)
 
@@ -362,8 +370,12 @@ def test_folder_deterministic_and_resumable(folder, cache):
         np.testing.assert_array_equal(x["image"], y["image"])
     other = next(data.make_train_iterator(cfg, batch_size=8, image_size=16, seed=6, **ONE))
     assert not np.array_equal(other["image"], fresh[0]["image"])
-    one_thread = take(data.make_train_iterator(folder_cfg(folder, cache=cache, threads=1), batch_size=8,
-                                               image_size=16, seed=5, **ONE), 2)  # a private pool of 1 thread
+    one_thread = take(
+        data.make_train_iterator(
+            folder_cfg(folder, cache=cache, threads=1), batch_size=8, image_size=16, seed=5, **ONE
+        ),
+        2,
+    )  # a private pool of 1 thread
     for x, y in zip(one_thread, fresh):
         np.testing.assert_array_equal(x["image"], y["image"])
     for k in (1, 2, 3):  # 2 steps per epoch: k=2 starts epoch 1
@@ -511,8 +523,10 @@ def test_folder_image_failing_to_decode_is_named(folder, verify):
 def test_folder_split_slices_and_shards(folder):
     cfg = folder_cfg(folder, train_split="train[:50%]")
     assert data.dataset_info(cfg).num_train == 10
-    ev = [list(data.make_eval_iterator(cfg, "train", batch_size=4, image_size=8, process_index=i, process_count=3))
-          for i in range(3)]
+    ev = [
+        list(data.make_eval_iterator(cfg, "train", batch_size=4, image_size=8, process_index=i, process_count=3))
+        for i in range(3)
+    ]
     assert {len(s) for s in ev} == {2}  # 20 examples -> shards of 6/7/7 -> 2 batches each
     assert sum(int(b["valid"].sum()) for s in ev for b in s) == 20
 

@@ -35,10 +35,20 @@ def _free_port() -> int:
 
 def start_worker(worker: str, pid: int, n: int, port: int, *args: str, devices: int = 1) -> subprocess.Popen:
     """Process `pid` of `n` running tests/workers/<worker>.py with `args`; `devices` CPU devices per process."""
-    env = dict(os.environ, PYTHONPATH=f"{WORKERS}{os.pathsep}{REPO / 'tests'}{os.pathsep}{REPO}", JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.Popen([sys.executable, str(WORKERS / f"{worker}.py"), str(pid), str(n), str(port),
-                             *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(
+        os.environ,
+        PYTHONPATH=f"{WORKERS}{os.pathsep}{REPO / 'tests'}{os.pathsep}{REPO}",
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        TF_CPP_MIN_LOG_LEVEL="3",
+    )
+    return subprocess.Popen(
+        [sys.executable, str(WORKERS / f"{worker}.py"), str(pid), str(n), str(port), *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish_worker(proc: subprocess.Popen, timeout: float = 240) -> tuple[dict, str]:
@@ -49,7 +59,7 @@ def finish_worker(proc: subprocess.Popen, timeout: float = 240) -> tuple[dict, s
         stdout, stderr = proc.communicate()
     assert proc.returncode == 0, stderr[-3000:]
     line = [s for s in stdout.splitlines() if s.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):]), stderr
+    return json.loads(line[len("RESULT ") :]), stderr
 
 
 @pytest.mark.slow
@@ -112,10 +122,22 @@ def test_two_processes_finetune_in_lockstep_and_match_one_process(pretrain_run, 
     random draw spans the global batch) steps like 1 process fed the same global batches; the test split is
     counted once (250 images: uneven padded shards)."""
     steps = 4
-    p0, p1, one = _stage_pair_and_reference("finetune", pretrain_run, tmp_path, [
-        "data.train_split='train[:256]'", "data.test_split='test[:250]'", "batch_size=32", f"steps={steps}",
-        "log_every=1", "ckpt_every=2", "optim.warmup_steps=1", "finetune.mixup_alpha=0.8",
-        "finetune.cutmix_alpha=1.0"])
+    p0, p1, one = _stage_pair_and_reference(
+        "finetune",
+        pretrain_run,
+        tmp_path,
+        [
+            "data.train_split='train[:256]'",
+            "data.test_split='test[:250]'",
+            "batch_size=32",
+            f"steps={steps}",
+            "log_every=1",
+            "ckpt_every=2",
+            "optim.warmup_steps=1",
+            "finetune.mixup_alpha=0.8",
+            "finetune.cutmix_alpha=1.0",
+        ],
+    )
     # Each process reads its own rows: distinct shards, together the reference's global batch.
     assert len(p0["first_labels"]) == len(p1["first_labels"]) == 16 and p0["first_labels"] != p1["first_labels"]
     assert p0["first_labels"] + p1["first_labels"] == one["first_labels"]
@@ -141,9 +163,19 @@ def test_two_processes_finetune_in_lockstep_and_match_one_process(pretrain_run, 
 def test_two_processes_probe_like_one_process(pretrain_run, tmp_path):
     """Both processes hold every feature in the split's order and train identical classifiers: the results are
     those of 1 process."""
-    p0, p1, one = _stage_pair_and_reference("linear_probe", pretrain_run, tmp_path, [
-        "data.train_split='train[:512]'", "data.test_split='test[:250]'", "batch_size=64", "probe.epochs=5",
-        "probe.batch_size=128", "knn.k=5"])
+    p0, p1, one = _stage_pair_and_reference(
+        "linear_probe",
+        pretrain_run,
+        tmp_path,
+        [
+            "data.train_split='train[:512]'",
+            "data.test_split='test[:250]'",
+            "batch_size=64",
+            "probe.epochs=5",
+            "probe.batch_size=128",
+            "knn.k=5",
+        ],
+    )
     assert p0["classifiers_sha256"] == p1["classifiers_sha256"]
     np.testing.assert_allclose(p0["w"], one["w"], rtol=1e-5, atol=1e-7)
     keys = ("num_train", "num_test", "layers", "top1", "train_top1", "knn_top1", "best_layer", "best_top1")
@@ -156,7 +188,7 @@ def test_two_processes_probe_like_one_process(pretrain_run, tmp_path):
 def test_two_processes_share_the_check_of_a_folder_dataset(tmp_path):
     """Each process of a run checks half of a folder's images (not all of them), both see the same dataset and the
     same corrupt files, and the manifest written once spares every process the check at the next start."""
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image
 
     rng = np.random.default_rng(0)
     for split, count in (("train", 12), ("test", 4)):
@@ -174,19 +206,28 @@ def test_two_processes_share_the_check_of_a_folder_dataset(tmp_path):
     assert p0["checked_again"] == p1["checked_again"] == []
     assert p0["same_again"] and p1["same_again"]
     assert (p0["num_train"], p0["num_test"]) == (p1["num_train"], p1["num_test"]) == (24, 8)
-    assert p0["skipped"] == p1["skipped"] == [str(tmp_path / "train" / "a" / "bad.jpg"),
-                                               str(tmp_path / "train" / "b" / "worse.png")]
+    assert (
+        p0["skipped"]
+        == p1["skipped"]
+        == [str(tmp_path / "train" / "a" / "bad.jpg"), str(tmp_path / "train" / "b" / "worse.png")]
+    )
 
 
 # ------------------------------------------------------------------------------------------- resolution (pure)
-SLURM_2 = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[001-002]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
-           "SLURM_LOCALID": "0"}
+SLURM_2 = {
+    "SLURM_JOB_ID": "7",
+    "SLURM_STEP_NODELIST": "node[001-002]",
+    "SLURM_NTASKS": "2",
+    "SLURM_PROCID": "1",
+    "SLURM_LOCALID": "0",
+}
 
 
 def test_single_process_unless_asked():
     assert resolve(None, {}) is None
-    assert resolve({"enabled": "auto", "coordinator_address": None, "num_processes": None, "process_id": None},
-                   {}) is None
+    assert (
+        resolve({"enabled": "auto", "coordinator_address": None, "num_processes": None, "process_id": None}, {}) is None
+    )
     # One SLURM task (or a batch script outside srun) is a plain single-process run.
     assert resolve(None, dict(SLURM_2, SLURM_NTASKS="1")) is None
     assert resolve(None, {k: v for k, v in SLURM_2.items() if k != "SLURM_STEP_NODELIST"}) is None
@@ -203,16 +244,19 @@ def test_slurm_and_explicit_settings():
     assert resolve(None, env) == {"coordinator_address": "h:1", "num_processes": 2, "process_id": 0}
 
 
-@pytest.mark.parametrize("cfg,env,match", [
-    ({"coordinator_address": "h:1", "num_processes": 2}, {}, "distributed.process_id not set"),
-    (None, {"JAX_COORDINATOR_ADDRESS": "h:1"}, "JAX_NUM_PROCESSES, JAX_PROCESS_ID not set"),
-    ({"coordinator_address": "h:1", "num_processes": 2, "process_id": 2}, {}, "process_id=2 must be < "),
-    ({"coordinator_address": "h", "num_processes": 2, "process_id": 0}, {}, "must be host:port"),
-    ({"coordinator_address": "h:1", "num_processes": "two", "process_id": 0}, {}, "num_processes='two'"),
-    ({"enabled": "yes"}, {}, "distributed.enabled='yes' must be one of auto, true, false"),
-    ({"enabled": True}, {}, "no cluster found"),
-    ({"coordinator": "h:1"}, {}, "distributed.coordinator is not a key of distributed: the keys are"),
-])
+@pytest.mark.parametrize(
+    "cfg,env,match",
+    [
+        ({"coordinator_address": "h:1", "num_processes": 2}, {}, "distributed.process_id not set"),
+        (None, {"JAX_COORDINATOR_ADDRESS": "h:1"}, "JAX_NUM_PROCESSES, JAX_PROCESS_ID not set"),
+        ({"coordinator_address": "h:1", "num_processes": 2, "process_id": 2}, {}, "process_id=2 must be < "),
+        ({"coordinator_address": "h", "num_processes": 2, "process_id": 0}, {}, "must be host:port"),
+        ({"coordinator_address": "h:1", "num_processes": "two", "process_id": 0}, {}, "num_processes='two'"),
+        ({"enabled": "yes"}, {}, "distributed.enabled='yes' must be one of auto, true, false"),
+        ({"enabled": True}, {}, "no cluster found"),
+        ({"coordinator": "h:1"}, {}, "distributed.coordinator is not a key of distributed: the keys are"),
+    ],
+)
 def test_bad_settings_are_one_line_errors(cfg, env, match):
     with pytest.raises(ConfigError, match=match) as e:
         resolve(cfg, env)
@@ -223,9 +267,9 @@ def test_bad_settings_are_one_line_errors(cfg, env, match):
 def test_every_script_initializes_from_its_distributed_block_first(script, tmp_path, monkeypatch):
     """Each entry script hands its config's `distributed` block (the same keys in every config) to
     maybe_initialize before it starts the stage."""
-    import importlib.util  # noqa: PLC0415
+    import importlib.util
 
-    import sslvit.distributed  # noqa: PLC0415
+    import sslvit.distributed
 
     class Initialized(Exception):
         pass
@@ -247,6 +291,7 @@ def test_every_script_initializes_from_its_distributed_block_first(script, tmp_p
         module._main(cfg, tmp_path)
     assert calls == [cfg.distributed]
 
+
 # ------------------------------------------------------------------------------------------- SLURM launcher config
 def test_slurm_launcher_config_builds_the_expected_sbatch_script(tmp_path, monkeypatch):
     """conf/hydra/launcher/slurm_gpu.yaml through the real plugin and submitit, up to the sbatch script (no SLURM
@@ -259,8 +304,11 @@ def test_slurm_launcher_config_builds_the_expected_sbatch_script(tmp_path, monke
     from omegaconf import OmegaConf
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("pretrain", ["hydra/launcher=slurm_gpu", "hydra.launcher.partition=gpu",
-                                   "hydra.launcher.nodes=2", "resume=true"], return_hydra_config=True)
+        cfg = compose(
+            "pretrain",
+            ["hydra/launcher=slurm_gpu", "hydra.launcher.partition=gpu", "hydra.launcher.nodes=2", "resume=true"],
+            return_hydra_config=True,
+        )
     launcher = instantiate(cfg.hydra.launcher)
     assert type(launcher).__name__ == "SlurmLauncher"
     params = launcher.params
@@ -271,13 +319,26 @@ def test_slurm_launcher_config_builds_the_expected_sbatch_script(tmp_path, monke
     (tmp_path / "bin" / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     # The same mapping as the plugin's launch(): executor-specific keys get the "slurm_" prefix.
-    executor = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="slurm",
-                                     slurm_max_num_timeout=params["max_num_timeout"])
+    executor = submitit.AutoExecutor(
+        folder=tmp_path / "jobs", cluster="slurm", slurm_max_num_timeout=params["max_num_timeout"]
+    )
     base = set(OmegaConf.structured(BaseQueueConf).keys())
-    executor.update_parameters(**{(k if k in base else f"slurm_{k}"): v for k, v in params.items()
-                                  if k not in ("submitit_folder", "max_num_timeout")})
+    executor.update_parameters(
+        **{
+            (k if k in base else f"slurm_{k}"): v
+            for k, v in params.items()
+            if k not in ("submitit_folder", "max_num_timeout")
+        }
+    )
     script = executor._executor._make_submission_file_text("python pretrain.py", "uid")
-    for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--partition=gpu", "--requeue",
-                 "--signal=USR2@300", "--time=1440"):
+    for line in (
+        "--nodes=2",
+        "--ntasks-per-node=4",
+        "--gpus-per-node=4",
+        "--partition=gpu",
+        "--requeue",
+        "--signal=USR2@300",
+        "--time=1440",
+    ):
         assert f"#SBATCH {line}\n" in script, (line, script)
     assert "\nsrun " in script  # every task is a process of one srun step: what sslvit.distributed detects

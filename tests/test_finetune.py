@@ -13,25 +13,44 @@ from sslvit.errors import ConfigError
 from sslvit.finetune import Finetuning
 from sslvit.finetune_modes import FINETUNE_MODES, trainable_paths
 from sslvit.mixup import mix_batch, smooth_one_hot
-from sslvit.stage import count_params
-from sslvit.train import memory_report
 from sslvit.models import resize_pos_embedding
 from sslvit.models.vit import branch_axis
 from sslvit.pretrained import load_into
+from sslvit.stage import count_params
+from sslvit.train import memory_report
 
 # A small parallel ViT trained from scratch on synthetic batches: 2 layers x 2 branches, hMLP stem with BatchNorm,
 # LayerScale: every kind of leaf a real model has. No dataset needed (data.num_classes is set by the cifar10 group).
-SMALL = ["run=null", "model.dim=32", "model.depth=2", "model.heads=2", "model.mlp_dim=64", "model.image_size=16",
-         "batch_size=8", "steps=3", "optim.warmup_steps=0", "optim.lr=1e-2"]
+SMALL = [
+    "run=null",
+    "model.dim=32",
+    "model.depth=2",
+    "model.heads=2",
+    "model.mlp_dim=64",
+    "model.image_size=16",
+    "batch_size=8",
+    "steps=3",
+    "optim.warmup_steps=0",
+    "optim.lr=1e-2",
+]
 
-ATTN_ONLY = ["head/bias", "head/kernel", "layers/attn/out_bias", "layers/attn/out_kernel", "layers/attn/qkv_bias",
-             "layers/attn/qkv_kernel", "pos_embedding"]
+ATTN_ONLY = [
+    "head/bias",
+    "head/kernel",
+    "layers/attn/out_bias",
+    "layers/attn/out_kernel",
+    "layers/attn/qkv_bias",
+    "layers/attn/qkv_kernel",
+    "pos_embedding",
+]
 
 
 def synthetic_batch(n=8, size=16, classes=10, seed=0):
     rng = np.random.default_rng(seed)
-    return {"image": jnp.asarray(rng.normal(size=(n, size, size, 3)), jnp.float32),
-            "label": jnp.asarray(rng.integers(0, classes, n), jnp.int32)}
+    return {
+        "image": jnp.asarray(rng.normal(size=(n, size, size, 3)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, classes, n), jnp.int32),
+    }
 
 
 def flat(tree):
@@ -39,7 +58,7 @@ def flat(tree):
 
 
 def test_attn_only_trains_exactly_every_branch_attention(hydra_compose):
-    from sslvit.train import make_mesh  # noqa: PLC0415
+    from sslvit.train import make_mesh
 
     mesh = make_mesh()
     ft = Finetuning(hydra_compose("finetune", SMALL + ["finetune.mode=attn_only"]), None)
@@ -65,7 +84,9 @@ def test_attn_only_trains_exactly_every_branch_attention(hydra_compose):
             if name.startswith("layers/"):  # (depth, ...): every layer's every branch trained
                 for layer in range(2):
                     for branch in range(2):
-                        b0, b1 = (np.take(x[layer], branch, axis=branch_axis(name)) for x in (before[name], after[name]))
+                        b0, b1 = (
+                            np.take(x[layer], branch, axis=branch_axis(name)) for x in (before[name], after[name])
+                        )
                         assert not np.array_equal(b0, b1), f"{name} layer {layer} branch {branch} did not train"
         else:
             assert np.array_equal(before[name], after[name]), f"frozen {name} changed"
@@ -89,8 +110,15 @@ def test_modes_select_the_intended_leaves(hydra_compose):
     expected = {
         "full": every,
         "attn_only": ATTN_ONLY,
-        "mlp_only": ["head/bias", "head/kernel", "layers/mlp/fc1_bias", "layers/mlp/fc1_kernel",
-                     "layers/mlp/fc2_bias", "layers/mlp/fc2_kernel", "pos_embedding"],
+        "mlp_only": [
+            "head/bias",
+            "head/kernel",
+            "layers/mlp/fc1_bias",
+            "layers/mlp/fc1_kernel",
+            "layers/mlp/fc2_bias",
+            "layers/mlp/fc2_kernel",
+            "pos_embedding",
+        ],
         "head_only": ["head/bias", "head/kernel"],
     }
     assert set(expected) == set(FINETUNE_MODES.names())
@@ -132,24 +160,43 @@ def test_load_into_rejects_another_model():
 
 # ---------------------------------------------------------------------------------------- with a real run
 def _ft_overrides(run, *extra):
-    return [f"run={run}", "data.train_split='train[:256]'", "data.test_split='test[:128]'", "batch_size=32",
-            "steps=3", "log_every=1", "ckpt_every=3", "optim.warmup_steps=1", "progress=false", *extra]
+    return [
+        f"run={run}",
+        "data.train_split='train[:256]'",
+        "data.test_split='test[:128]'",
+        "batch_size=32",
+        "steps=3",
+        "log_every=1",
+        "ckpt_every=3",
+        "optim.warmup_steps=1",
+        "progress=false",
+        *extra,
+    ]
 
 
 def test_finetune_32px_checkpoint_at_48px(pretrain_run, hydra_compose, tmp_path):
-    from sslvit.checkpoint import load_meta, load_params  # noqa: PLC0415
+    from sslvit.checkpoint import load_meta, load_params
 
-    overrides = _ft_overrides(pretrain_run, "finetune.image_size=48", "finetune.mode=attn_only",
-                              "finetune.mixup_alpha=0.8", "finetune.cutmix_alpha=1.0")
+    overrides = _ft_overrides(
+        pretrain_run,
+        "finetune.image_size=48",
+        "finetune.mode=attn_only",
+        "finetune.mixup_alpha=0.8",
+        "finetune.cutmix_alpha=1.0",
+    )
     ft = Finetuning(hydra_compose("finetune", overrides), tmp_path, overrides)
     assert ft.model.grid_size == (12, 12) and ft.source_image_size == 32
     saved = load_params(pretrain_run)[0]["encoder"]
     params, stats = ft.init_variables()
-    np.testing.assert_allclose(np.asarray(params["pos_embedding"]),
-                               np.asarray(resize_pos_embedding(saved["pos_embedding"], (12, 12), (8, 8))), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(params["pos_embedding"]),
+        np.asarray(resize_pos_embedding(saved["pos_embedding"], (12, 12), (8, 8))),
+        atol=1e-6,
+    )
     assert params["pos_embedding"].shape == (1, 144, 64)
-    np.testing.assert_array_equal(np.asarray(params["layers"]["mlp"]["fc1_kernel"]),
-                                  saved["layers"]["mlp"]["fc1_kernel"])
+    np.testing.assert_array_equal(
+        np.asarray(params["layers"]["mlp"]["fc1_kernel"]), saved["layers"]["mlp"]["fc1_kernel"]
+    )
     assert "mask_token" not in params and stats  # pretext-only leaf dropped; hMLP BatchNorm statistics loaded
 
     results = ft.run()
@@ -163,16 +210,25 @@ def test_finetune_32px_checkpoint_at_48px(pretrain_run, hydra_compose, tmp_path)
     assert (tmp_path / "results.json").exists()
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (["finetune.mode=attention"], r"finetune.mode='attention' is not a fine-tune mode: choose one of attn_only, full"),
-    (["finetune/mode=attn_only", "finetune.mode.head=yes"], r"finetune.mode.head='yes' must be true or false"),
-    (["finetune/mode=attn_only", "+finetune.mode.heads=false"], r"finetune.mode.heads is not an option of fine-tune mode 'attn_only'"),
-    (["finetune.image_size=50"], r"finetune.image_size=50 is not divisible by the patch size 4"),
-    (["model.dim=128"], r"model.dim=128 conflicts with the checkpoint's model.dim=64"),
-    (["stem=linear"], r"stem.name='linear' conflicts with the checkpoint's stem.name='hmlp'"),
-    (["model.image_size=48"], r"set finetune.image_size=48"),
-    (["step=7"], r"step=7 is not a checkpoint"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (
+            ["finetune.mode=attention"],
+            r"finetune.mode='attention' is not a fine-tune mode: choose one of attn_only, full",
+        ),
+        (["finetune/mode=attn_only", "finetune.mode.head=yes"], r"finetune.mode.head='yes' must be true or false"),
+        (
+            ["finetune/mode=attn_only", "+finetune.mode.heads=false"],
+            r"finetune.mode.heads is not an option of fine-tune mode 'attn_only'",
+        ),
+        (["finetune.image_size=50"], r"finetune.image_size=50 is not divisible by the patch size 4"),
+        (["model.dim=128"], r"model.dim=128 conflicts with the checkpoint's model.dim=64"),
+        (["stem=linear"], r"stem.name='linear' conflicts with the checkpoint's stem.name='hmlp'"),
+        (["model.image_size=48"], r"set finetune.image_size=48"),
+        (["step=7"], r"step=7 is not a checkpoint"),
+    ],
+)
 def test_bad_input_one_line(overrides, match, pretrain_run, hydra_compose, tmp_path):
     overrides = _ft_overrides(pretrain_run, *overrides)
     with pytest.raises(ConfigError, match=match) as err:

@@ -21,8 +21,18 @@ import numpy as np
 import pytest
 
 from sslvit.errors import ConfigError
-from sslvit.interop import (bicubic_matrix, canonical_keys, export_run, load_state_dict, resize_pos_embedding_timm,
-                            save_safetensors, timm_kwargs, timm_snippet, timm_to_variables, variables_to_timm)
+from sslvit.interop import (
+    bicubic_matrix,
+    canonical_keys,
+    export_run,
+    load_state_dict,
+    resize_pos_embedding_timm,
+    save_safetensors,
+    timm_kwargs,
+    timm_snippet,
+    timm_to_variables,
+    variables_to_timm,
+)
 from sslvit.models import ViT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,23 +58,41 @@ def needs_timm():
 
 def sslvit_model(P=2, ls=None, pool="cls", stem="linear", patch=4, size=16, classes=5, **kw) -> ViT:
     kw = {"dim": DIM, "depth": DEPTH, "heads": HEADS, "mlp_dim": MLP, **kw}
-    return ViT(image_size=size, patch_size=patch, num_classes=classes, num_parallel_branches=P, layer_scale_init=ls,
-               pool=pool, stem=stem, **kw)
+    return ViT(
+        image_size=size,
+        patch_size=patch,
+        num_classes=classes,
+        num_parallel_branches=P,
+        layer_scale_init=ls,
+        pool=pool,
+        stem=stem,
+        **kw,
+    )
 
 
 def timm_model(P=2, ls=None, pool="cls", patch=4, size=16, classes=5, **kw):
-    from timm.models.vision_transformer import ParallelThingsBlock, VisionTransformer  # noqa: PLC0415
+    from timm.models.vision_transformer import ParallelThingsBlock, VisionTransformer
 
     if P > 1:
         kw["block_fn"] = partial(ParallelThingsBlock, num_parallel=P)
-    return VisionTransformer(img_size=size, patch_size=patch, embed_dim=DIM, depth=DEPTH, num_heads=HEADS,
-                             mlp_ratio=MLP / DIM, num_classes=classes, init_values=ls,
-                             global_pool="token" if pool == "cls" else "avg", fc_norm=False, **kw).eval()
+    return VisionTransformer(
+        img_size=size,
+        patch_size=patch,
+        embed_dim=DIM,
+        depth=DEPTH,
+        num_heads=HEADS,
+        mlp_ratio=MLP / DIM,
+        num_classes=classes,
+        init_values=ls,
+        global_pool="token" if pool == "cls" else "avg",
+        fc_norm=False,
+        **kw,
+    ).eval()
 
 
 def randomize_torch(module, seed=0):
     """Every parameter and BatchNorm statistic random (not timm's ones/zeros init), so that every mapping counts."""
-    import torch  # noqa: PLC0415
+    import torch
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -96,7 +124,7 @@ def images(n=2, size=16, seed=0) -> np.ndarray:
 
 def timm_forward(tm, x):
     """(logits, per-layer tokens (depth, B, 1+N, D)) of a timm ViT on NHWC images."""
-    import torch  # noqa: PLC0415
+    import torch
 
     layers = []
     hooks = [b.register_forward_hook(lambda _m, _i, out: layers.append(out.numpy())) for b in tm.blocks]
@@ -123,7 +151,7 @@ def state_dict(tm) -> dict:
 
 
 def load_torch(tm, tensors):
-    import torch  # noqa: PLC0415
+    import torch
 
     tm.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in tensors.items()}, strict=True)
     return tm
@@ -133,7 +161,7 @@ def deit_hmlp_stem(img_size, patch_size, in_chans, embed_dim, **_):
     """A PyTorch module written to DeiT's `hMLP_stem` definition (models_v2.py): `proj = Sequential(Conv2d(C, D/4,
     4, 4), BN, GELU, Conv2d(D/4, D/4, 2, 2), BN, GELU, Conv2d(D/4, D, 2, 2), BN)` for patch 16; for patch 4 the
     stages 2·2 (`Conv2d(C, D/4, 2, 2), BN, GELU, Conv2d(D/4, D, 2, 2), BN`). Plugged into timm as `embed_layer`."""
-    from torch import nn  # noqa: PLC0415
+    from torch import nn
 
     class Stem(nn.Module):
         def __init__(self):
@@ -141,13 +169,21 @@ def deit_hmlp_stem(img_size, patch_size, in_chans, embed_dim, **_):
             self.num_patches = (img_size // patch_size) ** 2
             d, q = embed_dim, embed_dim // 4
             if patch_size == 16:
-                self.proj = nn.Sequential(nn.Conv2d(in_chans, q, 4, 4), nn.BatchNorm2d(q), nn.GELU(),
-                                          nn.Conv2d(q, q, 2, 2), nn.BatchNorm2d(q), nn.GELU(),
-                                          nn.Conv2d(q, d, 2, 2), nn.BatchNorm2d(d))
+                self.proj = nn.Sequential(
+                    nn.Conv2d(in_chans, q, 4, 4),
+                    nn.BatchNorm2d(q),
+                    nn.GELU(),
+                    nn.Conv2d(q, q, 2, 2),
+                    nn.BatchNorm2d(q),
+                    nn.GELU(),
+                    nn.Conv2d(q, d, 2, 2),
+                    nn.BatchNorm2d(d),
+                )
             else:
                 assert patch_size == 4
-                self.proj = nn.Sequential(nn.Conv2d(in_chans, q, 2, 2), nn.BatchNorm2d(q), nn.GELU(),
-                                          nn.Conv2d(q, d, 2, 2), nn.BatchNorm2d(d))
+                self.proj = nn.Sequential(
+                    nn.Conv2d(in_chans, q, 2, 2), nn.BatchNorm2d(q), nn.GELU(), nn.Conv2d(q, d, 2, 2), nn.BatchNorm2d(d)
+                )
 
         def forward(self, x):
             return self.proj(x).flatten(2).transpose(1, 2)
@@ -159,17 +195,25 @@ def deit_hmlp_stem(img_size, patch_size, in_chans, embed_dim, **_):
 @pytest.mark.parametrize("antialias", [False, True])
 def test_bicubic_resize_equals_pytorch_and_timm(antialias):
     needs_timm()
-    import torch  # noqa: PLC0415
-    import torch.nn.functional as F  # noqa: PLC0415
-    from timm.layers import resample_abs_pos_embed  # noqa: PLC0415
+    import torch
+    import torch.nn.functional as F
+    from timm.layers import resample_abs_pos_embed
 
     rng = np.random.default_rng(0)
-    for old, new in [((8, 8), (12, 12)), ((8, 8), (4, 4)), ((7, 7), (3, 5)), ((4, 6), (9, 5)), ((14, 14), (24, 24)),
-                     ((3, 3), (1, 1)), ((16, 16), (7, 7))]:
+    for old, new in [
+        ((8, 8), (12, 12)),
+        ((8, 8), (4, 4)),
+        ((7, 7), (3, 5)),
+        ((4, 6), (9, 5)),
+        ((14, 14), (24, 24)),
+        ((3, 3), (1, 1)),
+        ((16, 16), (7, 7)),
+    ]:
         pe = rng.normal(size=(1, 1 + old[0] * old[1], 16)).astype(np.float32)
         out = resize_pos_embedding_timm(pe, new, old, num_extra_tokens=1, antialias=antialias)
-        ref = resample_abs_pos_embed(torch.from_numpy(pe), list(new), list(old), num_prefix_tokens=1,
-                                     antialias=antialias).numpy()
+        ref = resample_abs_pos_embed(
+            torch.from_numpy(pe), list(new), list(old), num_prefix_tokens=1, antialias=antialias
+        ).numpy()
         assert_same(out, ref)
         grid = torch.from_numpy(pe[:, 1:].reshape(1, *old, 16)).permute(0, 3, 1, 2)
         direct = F.interpolate(grid, size=new, mode="bicubic", align_corners=False, antialias=antialias)
@@ -178,7 +222,7 @@ def test_bicubic_resize_equals_pytorch_and_timm(antialias):
     # The two kernels differ; the antialiased one (timm's loader) is jax.image.resize's, which sslvit's own
     # resize_pos_embedding uses.
     assert not np.allclose(bicubic_matrix(8, 12, True), bicubic_matrix(8, 12, False), atol=1e-3)
-    from sslvit.models import resize_pos_embedding  # noqa: PLC0415
+    from sslvit.models import resize_pos_embedding
 
     pe = rng.normal(size=(1, 64, 16)).astype(np.float32)
     for new in ((12, 12), (3, 5)):
@@ -232,16 +276,17 @@ def test_changed_resolution_is_resized_as_timm_loads_it(size, no_embed_class, an
     (`checkpoint_filter_fn`, what `create_model(img_size=...)` runs) on one side, the import on the other. The 8 px
     case is DeiT III's layout (position embeddings without a class slot) with `F.interpolate`'s plain bicubic."""
     needs_timm()
-    from timm.models.vision_transformer import checkpoint_filter_fn  # noqa: PLC0415
+    from timm.models.vision_transformer import checkpoint_filter_fn
 
     kw = dict(no_embed_class=no_embed_class)
     sd = state_dict(randomize_torch(timm_model(2, 0.1, size=16, **kw), seed=3))
     assert sd["pos_embed"].shape[1] == 16 + (not no_embed_class)
     target = timm_model(2, 0.1, size=size, **kw)
-    import torch  # noqa: PLC0415
+    import torch
 
-    target.load_state_dict(checkpoint_filter_fn({k: torch.from_numpy(v) for k, v in sd.items()}, target,
-                                                antialias=antialias))
+    target.load_state_dict(
+        checkpoint_filter_fn({k: torch.from_numpy(v) for k, v in sd.items()}, target, antialias=antialias)
+    )
     model = sslvit_model(2, 0.1, size=size)
     variables = timm_to_variables(sd, model, antialias=antialias)
     x = images(size=size)
@@ -264,7 +309,8 @@ def test_hmlp_stem_equals_deit_hmlp_stem(patch, size):
     model = sslvit_model(2, 0.1, stem="hmlp", patch=patch, size=size)
     sd = state_dict(tm)
     assert [k for k in sd if k.startswith("patch_embed.proj.1.")] == [
-        f"patch_embed.proj.1.{n}" for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+        f"patch_embed.proj.1.{n}" for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    ]
     variables = timm_to_variables(sd, model)
     assert variables["batch_stats"]["stem"]["norm0"]["mean"].shape == (DIM // 4,)
     x = images(size=size)
@@ -287,10 +333,20 @@ def test_deit_key_names_are_read_as_timm_keys():
     `Layer_scale_init_Block`: gamma_1/gamma_2) convert to the same variables as timm's names."""
     model = sslvit_model(2, 0.1)
     timm_sd = variables_to_timm(random_variables(model, seed=4), model)
-    to_deit = {"attns.0.norm": "norm1", "attns.1.norm": "norm11", "attns.0.attn": "attn", "attns.1.attn": "attn1",
-               "attns.0.ls.gamma": "gamma_1", "attns.1.ls.gamma": "gamma_1_1", "ffns.0.norm": "norm2",
-               "ffns.1.norm": "norm21", "ffns.0.mlp": "mlp", "ffns.1.mlp": "mlp1", "ffns.0.ls.gamma": "gamma_2",
-               "ffns.1.ls.gamma": "gamma_2_1"}
+    to_deit = {
+        "attns.0.norm": "norm1",
+        "attns.1.norm": "norm11",
+        "attns.0.attn": "attn",
+        "attns.1.attn": "attn1",
+        "attns.0.ls.gamma": "gamma_1",
+        "attns.1.ls.gamma": "gamma_1_1",
+        "ffns.0.norm": "norm2",
+        "ffns.1.norm": "norm21",
+        "ffns.0.mlp": "mlp",
+        "ffns.1.mlp": "mlp1",
+        "ffns.0.ls.gamma": "gamma_2",
+        "ffns.1.ls.gamma": "gamma_2_1",
+    }
     deit_sd = {}
     for k, v in timm_sd.items():
         for a, b in to_deit.items():
@@ -341,10 +397,16 @@ def test_safetensors_round_trip_and_pth(tmp_path, monkeypatch):
 
     # A DeiT-style training checkpoint: {'model': state dict, 'args': Namespace, ...} with DDP's 'module.' prefix,
     # half precision.
-    import argparse  # noqa: PLC0415
+    import argparse
 
-    ckpt = {"model": {"module." + k: torch.from_numpy(v).half() if v.dtype == np.float32 else torch.from_numpy(v)
-                      for k, v in tensors.items()}, "epoch": 3, "args": argparse.Namespace(lr=1e-3)}
+    ckpt = {
+        "model": {
+            "module." + k: torch.from_numpy(v).half() if v.dtype == np.float32 else torch.from_numpy(v)
+            for k, v in tensors.items()
+        },
+        "epoch": 3,
+        "args": argparse.Namespace(lr=1e-3),
+    }
     torch.save(ckpt, tmp_path / "deit.pth")
     pth = load_state_dict(tmp_path / "deit.pth")
     assert pth.keys() == tensors.keys() and pth["pos_embed"].dtype == np.float32
@@ -361,11 +423,15 @@ def _sd(model, seed=0, drop=(), **extra):
     return {**{k: v for k, v in sd.items() if k not in drop}, **extra}
 
 
-@pytest.mark.parametrize("build, match", [
-    (lambda: sslvit_model(stem="conv"), r"stem=conv .* has no timm or DeiT counterpart"),
-    (lambda: sslvit_model(stem="hmlp", stem_norm="layer"), r"stem.norm=layer: DeiT's hMLP stem uses BatchNorm"),
-    (lambda: sslvit_model(dim_head=8), r"model.dim_head=8 .* timm's attention has head_dim = dim // heads"),
-], ids=["conv_stem", "hmlp_layernorm", "dim_head"])
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: sslvit_model(stem="conv"), r"stem=conv .* has no timm or DeiT counterpart"),
+        (lambda: sslvit_model(stem="hmlp", stem_norm="layer"), r"stem.norm=layer: DeiT's hMLP stem uses BatchNorm"),
+        (lambda: sslvit_model(dim_head=8), r"model.dim_head=8 .* timm's attention has head_dim = dim // heads"),
+    ],
+    ids=["conv_stem", "hmlp_layernorm", "dim_head"],
+)
 def test_options_timm_lacks_are_one_line_errors_on_export(build, match):
     model = build()
     with pytest.raises(ConfigError, match=match) as err:
@@ -373,31 +439,76 @@ def test_options_timm_lacks_are_one_line_errors_on_export(build, match):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("model, sd, match", [
-    (sslvit_model(), lambda: _sd(sslvit_model(dim=64, mlp_dim=128)),
-     r"patch_embed.proj.weight has shape \(64, 3, 4, 4\) in the state dict but the model expects \(32, 3, 4, 4\)"),
-    (sslvit_model(), lambda: _sd(sslvit_model(mlp_dim=96)),
-     r"blocks.0.ffns.0.mlp.fc1.weight has shape \(96, 32\) .* expects \(64, 32\) \(dim=32, mlp_dim=64\)"),
-    (sslvit_model(), lambda: _sd(sslvit_model(depth=3)), r"has 3 blocks \(blocks.0-2\) but model.depth=2"),
-    (sslvit_model(P=1), lambda: _sd(sslvit_model(P=2)),
-     r"has 2 parallel branch\(es\) per block .* model.num_parallel_branches=1"),
-    (sslvit_model(ls=None), lambda: _sd(sslvit_model(ls=0.1)), r"has LayerScale .* set model.layer_scale_init"),
-    (sslvit_model(), lambda: _sd(sslvit_model(), **{"fc_norm.weight": np.ones(32, np.float32)}),
-     r"fc_norm \(LayerNorm after average pooling"),
-    (sslvit_model(), lambda: _sd(sslvit_model(), dist_token=np.zeros((1, 1, 32), np.float32)), "distillation token"),
-    (sslvit_model(), lambda: _sd(sslvit_model(), **{"blocks.0.extra.weight": np.ones(3, np.float32)}),
-     r"1 keys with no place in the model \(blocks.0.extra.weight\)"),
-    (sslvit_model(), lambda: _sd(sslvit_model(), drop=("cls_token",)), "has no cls_token"),
-    (sslvit_model(stem="hmlp"), lambda: _sd(sslvit_model()), r"one linear patch projection .* pass stem=linear"),
-    (sslvit_model(), lambda: _sd(sslvit_model(stem="hmlp")), r"DeiT's hMLP stem\) but the model has stem=linear"),
-    (sslvit_model(), lambda: _sd(sslvit_model(), pos_embed=np.zeros((1, 20, 32), np.float32)),
-     r"pos_embed has 20 rows .* neither a square grid nor a class slot"),
-    (sslvit_model(classes=10), lambda: _sd(sslvit_model(classes=5)),
-     r"head.weight has shape \(5, 32\) .* expects \(10, 32\)"),
-    (sslvit_model(use_mask_token=True), lambda: _sd(sslvit_model()), "use_mask_token=True: timm's ViT has no mask"),
-    (sslvit_model(pos_embedding="sincos"), lambda: _sd(sslvit_model()), "model.pos_embedding=sincos"),
-], ids=["dim", "mlp_dim", "depth", "branches", "layer_scale", "fc_norm", "dist_token", "unknown_key", "no_cls_token",
-        "hmlp_vs_linear", "linear_vs_hmlp", "pos_rows", "head", "mask_token", "sincos"])
+@pytest.mark.parametrize(
+    "model, sd, match",
+    [
+        (
+            sslvit_model(),
+            lambda: _sd(sslvit_model(dim=64, mlp_dim=128)),
+            r"patch_embed.proj.weight has shape \(64, 3, 4, 4\) in the state dict "
+            r"but the model expects \(32, 3, 4, 4\)",
+        ),
+        (
+            sslvit_model(),
+            lambda: _sd(sslvit_model(mlp_dim=96)),
+            r"blocks.0.ffns.0.mlp.fc1.weight has shape \(96, 32\) .* expects \(64, 32\) \(dim=32, mlp_dim=64\)",
+        ),
+        (sslvit_model(), lambda: _sd(sslvit_model(depth=3)), r"has 3 blocks \(blocks.0-2\) but model.depth=2"),
+        (
+            sslvit_model(P=1),
+            lambda: _sd(sslvit_model(P=2)),
+            r"has 2 parallel branch\(es\) per block .* model.num_parallel_branches=1",
+        ),
+        (sslvit_model(ls=None), lambda: _sd(sslvit_model(ls=0.1)), r"has LayerScale .* set model.layer_scale_init"),
+        (
+            sslvit_model(),
+            lambda: _sd(sslvit_model(), **{"fc_norm.weight": np.ones(32, np.float32)}),
+            r"fc_norm \(LayerNorm after average pooling",
+        ),
+        (
+            sslvit_model(),
+            lambda: _sd(sslvit_model(), dist_token=np.zeros((1, 1, 32), np.float32)),
+            "distillation token",
+        ),
+        (
+            sslvit_model(),
+            lambda: _sd(sslvit_model(), **{"blocks.0.extra.weight": np.ones(3, np.float32)}),
+            r"1 keys with no place in the model \(blocks.0.extra.weight\)",
+        ),
+        (sslvit_model(), lambda: _sd(sslvit_model(), drop=("cls_token",)), "has no cls_token"),
+        (sslvit_model(stem="hmlp"), lambda: _sd(sslvit_model()), r"one linear patch projection .* pass stem=linear"),
+        (sslvit_model(), lambda: _sd(sslvit_model(stem="hmlp")), r"DeiT's hMLP stem\) but the model has stem=linear"),
+        (
+            sslvit_model(),
+            lambda: _sd(sslvit_model(), pos_embed=np.zeros((1, 20, 32), np.float32)),
+            r"pos_embed has 20 rows .* neither a square grid nor a class slot",
+        ),
+        (
+            sslvit_model(classes=10),
+            lambda: _sd(sslvit_model(classes=5)),
+            r"head.weight has shape \(5, 32\) .* expects \(10, 32\)",
+        ),
+        (sslvit_model(use_mask_token=True), lambda: _sd(sslvit_model()), "use_mask_token=True: timm's ViT has no mask"),
+        (sslvit_model(pos_embedding="sincos"), lambda: _sd(sslvit_model()), "model.pos_embedding=sincos"),
+    ],
+    ids=[
+        "dim",
+        "mlp_dim",
+        "depth",
+        "branches",
+        "layer_scale",
+        "fc_norm",
+        "dist_token",
+        "unknown_key",
+        "no_cls_token",
+        "hmlp_vs_linear",
+        "linear_vs_hmlp",
+        "pos_rows",
+        "head",
+        "mask_token",
+        "sincos",
+    ],
+)
 def test_unmappable_files_and_shape_mismatches_are_one_line_errors(model, sd, match):
     with pytest.raises(ConfigError, match=match) as err:
         timm_to_variables(sd(), model)
@@ -424,25 +535,44 @@ def _timm_file(tmp_path, size=16, classes=1000) -> Path:
     return save_safetensors(variables_to_timm(random_variables(model, seed=8), model), tmp_path / "timm.safetensors")
 
 
-TINY_MODEL = ["model=tiny", f"model.dim={DIM}", f"model.depth={DEPTH}", f"model.heads={HEADS}", f"model.mlp_dim={MLP}",
-              "model.num_parallel_branches=2", "model.layer_scale_init=0.1", "model.image_size=32", "stem=linear",
-              "model.unroll_layers=false"]  # the layers as a loop: shorter compiles (~1/3 of this test's time)
+TINY_MODEL = [
+    "model=tiny",
+    f"model.dim={DIM}",
+    f"model.depth={DEPTH}",
+    f"model.heads={HEADS}",
+    f"model.mlp_dim={MLP}",
+    "model.num_parallel_branches=2",
+    "model.layer_scale_init=0.1",
+    "model.image_size=32",
+    "stem=linear",
+    "model.unroll_layers=false",
+]  # the layers as a loop: shorter compiles (~1/3 of this test's time)
 
 
 def test_finetune_and_probe_start_from_a_timm_file(tfds_cifar10, hydra_compose, tmp_path):
-    from sslvit.finetune import Finetuning  # noqa: PLC0415
-    from sslvit.models import build_vit, encoder_config  # noqa: PLC0415
-    from sslvit.probe import LinearProbe  # noqa: PLC0415
+    from sslvit.finetune import Finetuning
+    from sslvit.models import build_vit, encoder_config
+    from sslvit.probe import LinearProbe
 
     path = _timm_file(tmp_path)
     # The model group describes the file; its 4x4 grid of position embeddings is resized to 32 px (8x8).
-    overrides = [f"init={path}", *TINY_MODEL, "data.train_split='train[:64]'",
-                 "batch_size=32", "steps=2", "log_every=1", "ckpt_every=2", "optim.warmup_steps=1", "progress=false",
-                 "eval_batches=0"]
+    overrides = [
+        f"init={path}",
+        *TINY_MODEL,
+        "data.train_split='train[:64]'",
+        "batch_size=32",
+        "steps=2",
+        "log_every=1",
+        "ckpt_every=2",
+        "optim.warmup_steps=1",
+        "progress=false",
+        "eval_batches=0",
+    ]
     cfg = hydra_compose("finetune", overrides)
     ft = Finetuning(cfg, tmp_path / "ft", overrides)
-    expected = timm_to_variables(load_state_dict(path), build_vit(encoder_config(cfg.model, cfg.stem),
-                                                                  num_classes=1000))["params"]
+    expected = timm_to_variables(
+        load_state_dict(path), build_vit(encoder_config(cfg.model, cfg.stem), num_classes=1000)
+    )["params"]
     assert ft.trained.stage == "import" and ft.trained.encoder["model"]["image_size"] == 32
     assert ft.model.grid_size == (8, 8)
     jax.tree.map(np.testing.assert_array_equal, ft.trained.params, expected)
@@ -452,9 +582,24 @@ def test_finetune_and_probe_start_from_a_timm_file(tfds_cifar10, hydra_compose, 
     assert results["num_classes"] == 10 and results["steps"] == 2
 
     # The linear probe of the same file (a headless encoder: the file's head is left out).
-    probe = LinearProbe(hydra_compose("linear_probe", [
-        f"init={path}", *TINY_MODEL, "data.train_split='train[:64]'", "data.test_split='test[:32]'", "layers=[-1]",
-        "probe.epochs=1", "probe.batch_size=32", "batch_size=32", "knn.k=3", "progress=false"]), tmp_path / "probe")
+    probe = LinearProbe(
+        hydra_compose(
+            "linear_probe",
+            [
+                f"init={path}",
+                *TINY_MODEL,
+                "data.train_split='train[:64]'",
+                "data.test_split='test[:32]'",
+                "layers=[-1]",
+                "probe.epochs=1",
+                "probe.batch_size=32",
+                "batch_size=32",
+                "knn.k=3",
+                "progress=false",
+            ],
+        ),
+        tmp_path / "probe",
+    )
     jax.tree.map(np.testing.assert_array_equal, probe.trained.params, expected)
     results = probe.run()
     assert results["layers"] == [2] and results["num_train"] == 64 and 0 <= results["best_top1"] <= 1
@@ -467,7 +612,7 @@ def test_finetune_and_probe_start_from_a_timm_file(tfds_cifar10, hydra_compose, 
     assert kwargs["num_classes"] == 10 and "block_fn=partial(ParallelThingsBlock, num_parallel=2)" in snippet
     ns: dict = {}
     exec(snippet, ns)  # the printed lines, as a user pastes them
-    from sslvit.pretrained import load_encoder  # noqa: PLC0415
+    from sslvit.pretrained import load_encoder
 
     trained = load_encoder(tmp_path / "ft")
     clf = build_vit(trained.encoder, num_classes=10)
@@ -475,15 +620,23 @@ def test_finetune_and_probe_start_from_a_timm_file(tfds_cifar10, hydra_compose, 
     assert_same(timm_forward(ns["model"], x)[0], np.asarray(clf.apply({"params": trained.params}, x)))
 
 
-@pytest.mark.parametrize("stage, extra, match", [
-    ("finetune", ["model.dim=64", "model.mlp_dim=128"],
-     r"patch_embed.proj.weight has shape \(32, 3, 4, 4\) in .*timm.safetensors but the model expects \(64, 3, 4, 4\)"),
-    ("finetune", ["run=/some/run"], r"run=/some/run and init=.* are both set"),
-    ("linear_probe", ["model.depth=3"], r"has 2 blocks \(blocks.0-1\) but model.depth=3"),
-], ids=["finetune_dim", "finetune_run_and_init", "probe_depth"])
+@pytest.mark.parametrize(
+    "stage, extra, match",
+    [
+        (
+            "finetune",
+            ["model.dim=64", "model.mlp_dim=128"],
+            r"patch_embed.proj.weight has shape \(32, 3, 4, 4\) in .*timm.safetensors "
+            r"but the model expects \(64, 3, 4, 4\)",
+        ),
+        ("finetune", ["run=/some/run"], r"run=/some/run and init=.* are both set"),
+        ("linear_probe", ["model.depth=3"], r"has 2 blocks \(blocks.0-1\) but model.depth=3"),
+    ],
+    ids=["finetune_dim", "finetune_run_and_init", "probe_depth"],
+)
 def test_stage_init_errors_are_one_line(stage, extra, match, hydra_compose, tmp_path):
-    from sslvit.finetune import Finetuning  # noqa: PLC0415
-    from sslvit.probe import LinearProbe  # noqa: PLC0415
+    from sslvit.finetune import Finetuning
+    from sslvit.probe import LinearProbe
 
     overrides = [f"init={_timm_file(tmp_path)}", *TINY_MODEL, *extra]
     cfg = hydra_compose(stage, overrides)
@@ -493,7 +646,7 @@ def test_stage_init_errors_are_one_line(stage, extra, match, hydra_compose, tmp_
 
 
 def test_probe_init_needs_the_model_groups_and_run_refuses_them(hydra_compose, tmp_path):
-    from sslvit.probe import LinearProbe  # noqa: PLC0415
+    from sslvit.probe import LinearProbe
 
     with pytest.raises(ConfigError, match=r"init=<file> needs the model and stem groups"):
         LinearProbe(hydra_compose("linear_probe", [f"init={_timm_file(tmp_path)}"]), tmp_path / "out")
@@ -506,16 +659,22 @@ def test_export_timm_script_on_a_pretraining_run(pretrain_run, tmp_path):
     2 layers x 2 branches, LayerScale) to a file; the printed snippet loads it into timm, which then computes the
     encoder's pooled features."""
     needs_timm()
-    from sslvit.models import build_vit  # noqa: PLC0415
-    from sslvit.pretrained import load_encoder  # noqa: PLC0415
+    from sslvit.models import build_vit
+    from sslvit.pretrained import load_encoder
 
     out = tmp_path / "enc.safetensors"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, str(REPO / "export_timm.py"), f"run={pretrain_run}", f"out={out}"],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "export_timm.py"), f"run={pretrain_run}", f"out={out}"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {out}" in proc.stdout and "embed_layer=HMLPStem" in proc.stdout
-    snippet = proc.stdout[proc.stdout.index("from functools import partial"):]
+    snippet = proc.stdout[proc.stdout.index("from functools import partial") :]
     ns: dict = {}
     exec(snippet, ns)
     assert tuple(ns["out"].shape) == (2, 64)
@@ -524,8 +683,10 @@ def test_export_timm_script_on_a_pretraining_run(pretrain_run, tmp_path):
     assert trained.batch_stats  # the hMLP stem's running statistics went along
     encoder = build_vit(trained.encoder, num_classes=0)
     x = images(size=32)
-    variables = {"params": {k: v for k, v in trained.params.items() if k != "mask_token"},
-                 "batch_stats": trained.batch_stats}
+    variables = {
+        "params": {k: v for k, v in trained.params.items() if k != "mask_token"},
+        "batch_stats": trained.batch_stats,
+    }
     assert_same(timm_forward(ns["model"], x)[0], np.asarray(encoder.apply(variables, x)))
     assert not list(tmp_path.glob("outputs")) and sorted(p.name for p in tmp_path.iterdir()) == ["enc.safetensors"]
 

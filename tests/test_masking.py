@@ -208,7 +208,10 @@ def test_registry_and_factory():
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda: make_mask_sampler("blocks", (8, 8), 0.4), "mask.name='blocks' is not a mask sampler: choose one of block, random"),
+        (
+            lambda: make_mask_sampler("blocks", (8, 8), 0.4),
+            "mask.name='blocks' is not a mask sampler: choose one of block, random",
+        ),
         (lambda: make_mask_sampler("block", (8, 8), 0.0), "mask_ratio=0.0 must be a number in \\(0, 1\\)"),
         (lambda: make_mask_sampler("block", (8, 8), 1.0), "mask_ratio"),
         (lambda: make_mask_sampler("random", (8, 8), -0.2), "mask_ratio"),
@@ -226,8 +229,14 @@ def test_registry_and_factory():
         (lambda: make_mask_sampler("block", (8, 8), 0.4, max_patches=4), "max_patches=4"),
         (lambda: make_mask_sampler("block", (8, 8), 0.4, min_aspect=0.0), "min_aspect"),
         (lambda: make_mask_sampler("block", (8, 8), 0.4, min_aspect=1.5), "min_aspect"),
-        (lambda: make_mask_sampler("block", (8, 8), 0.4, min_ratio=0.3), "mask.min_ratio is not an option of mask sampler 'block'"),
-        (lambda: make_mask_sampler("random", (8, 8), 0.4, min_patches=4), "mask.min_patches is not an option of mask sampler 'random': its options are name"),
+        (
+            lambda: make_mask_sampler("block", (8, 8), 0.4, min_ratio=0.3),
+            "mask.min_ratio is not an option of mask sampler 'block'",
+        ),
+        (
+            lambda: make_mask_sampler("random", (8, 8), 0.4, min_patches=4),
+            "mask.min_patches is not an option of mask sampler 'random': its options are name",
+        ),
         (lambda: make_mask_sampler("random", (8, 8), 0.4)(mask_rng(0, 0), -1), "batch_size"),
         (lambda: make_mask_sampler("random", (8, 8), 0.4)(0, 4), "np.random.Generator"),
         (lambda: mask_rng(-1, 0), "seed"),

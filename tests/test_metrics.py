@@ -22,10 +22,20 @@ def tb_scalars(run_dir, tag: str) -> list[tuple[int, float]]:
 
 def test_jsonl_and_tensorboard_round_trip(tmp_path):
     with MetricWriter(tmp_path / "run") as w:
-        w.write(10, {"loss": jnp.float32(2.5), "acc": np.float64(0.125), "lr": 1e-3, "nonfinite_steps": jnp.int32(3),
-                     "grad_norm": jnp.asarray([0.75], jnp.bfloat16), "bad": float("nan")})
-        w.write(20, {"loss": jnp.asarray(1.5), "acc": 0.25, "lr": 2e-3, "nonfinite_steps": 4, "grad_norm": 0.5,
-                     "bad": 1.0})
+        w.write(
+            10,
+            {
+                "loss": jnp.float32(2.5),
+                "acc": np.float64(0.125),
+                "lr": 1e-3,
+                "nonfinite_steps": jnp.int32(3),
+                "grad_norm": jnp.asarray([0.75], jnp.bfloat16),
+                "bad": float("nan"),
+            },
+        )
+        w.write(
+            20, {"loss": jnp.asarray(1.5), "acc": 0.25, "lr": 2e-3, "nonfinite_steps": 4, "grad_norm": 0.5, "bad": 1.0}
+        )
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [10, 20]
     assert rows[0]["loss"] == 2.5 and rows[0]["acc"] == 0.125 and rows[0]["lr"] == 1e-3
@@ -101,11 +111,18 @@ def test_resume_drops_the_crashed_runs_later_steps(tmp_path):
         for s in range(8, 13, 2):
             w.write(s, {"loss": 100.0 + s})
     rows = read_metrics(tmp_path)
-    assert [(r["step"], r["loss"]) for r in rows] == [(2, 2.0), (4, 4.0), (6, 6.0), (8, 108.0), (10, 110.0),
-                                                      (12, 112.0)]
+    assert [(r["step"], r["loss"]) for r in rows] == [
+        (2, 2.0),
+        (4, 4.0),
+        (6, 6.0),
+        (8, 108.0),
+        (10, 110.0),
+        (12, 112.0),
+    ]
     assert len(list((tmp_path / TB_DIR).glob("events.out.tfevents.*"))) == 2
-    assert tb_scalars(tmp_path, "loss") == [(s, v) for s, v in ((2, 2.0), (4, 4.0), (6, 6.0), (8, 108.0),
-                                                                 (10, 110.0), (12, 112.0))]
+    assert tb_scalars(tmp_path, "loss") == [
+        (s, v) for s, v in ((2, 2.0), (4, 4.0), (6, 6.0), (8, 108.0), (10, 110.0), (12, 112.0))
+    ]
 
 
 def test_read_metrics_missing_file(tmp_path):
@@ -115,10 +132,12 @@ def test_read_metrics_missing_file(tmp_path):
 
 def test_without_the_tensorboard_package_metrics_go_to_jsonl_only(tmp_path):
     """A bare JAX host may lack tensorboard: the writer logs the JSON lines and says it writes no event files."""
-    code = ("import sys; sys.modules['tensorboard'] = None\n"
-            "import logging; logging.basicConfig(level=logging.INFO)\n"
-            "from sslvit.metrics import MetricWriter\n"
-            f"w = MetricWriter({str(tmp_path)!r}); w.write(3, {{'loss': 1.5}}); w.close()\n")
+    code = (
+        "import sys; sys.modules['tensorboard'] = None\n"
+        "import logging; logging.basicConfig(level=logging.INFO)\n"
+        "from sslvit.metrics import MetricWriter\n"
+        f"w = MetricWriter({str(tmp_path)!r}); w.write(3, {{'loss': 1.5}}); w.close()\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "tensorboard package is not installed" in proc.stderr

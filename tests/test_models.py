@@ -31,7 +31,7 @@ def _ln(x, scale, bias, eps=1e-6):
 
 
 def _gelu(x):
-    from scipy.special import erf  # noqa: PLC0415  (scipy ships with jax)
+    from scipy.special import erf
 
     return 0.5 * x * (1 + erf(x / np.sqrt(2)))
 
@@ -104,10 +104,23 @@ def reference_forward(p, img, patch, heads, masks=None, keep=1.0, path_scales=No
 
 def test_seed_snippet():
     img = jnp.ones((1, 256, 256, 3))
-    v = ViT(image_size=256, patch_size=16, num_classes=1000, dim=1024, depth=6, heads=8, mlp_dim=2048,
-            num_parallel_branches=2, dropout=0.1, emb_dropout=0.1)
-    init_rngs = {"params": jax.random.PRNGKey(1), "dropout": jax.random.PRNGKey(2),
-                 "emb_dropout": jax.random.PRNGKey(3)}
+    v = ViT(
+        image_size=256,
+        patch_size=16,
+        num_classes=1000,
+        dim=1024,
+        depth=6,
+        heads=8,
+        mlp_dim=2048,
+        num_parallel_branches=2,
+        dropout=0.1,
+        emb_dropout=0.1,
+    )
+    init_rngs = {
+        "params": jax.random.PRNGKey(1),
+        "dropout": jax.random.PRNGKey(2),
+        "emb_dropout": jax.random.PRNGKey(3),
+    }
     params = jax.eval_shape(v.init, init_rngs, img)  # shapes only: the snippet's model has 97M parameters
     output = jax.eval_shape(lambda p, x: v.apply(p, x, rngs=init_rngs), params, img)
     assert output.shape == (1, 1000)
@@ -137,7 +150,7 @@ def test_fused_layers_match_unfused_reference(branches, layer_scale):
 def _dropout_masks(model, variables, img, key):
     """Train-mode forward of `model` with the keep-masks of every active dropout recorded, in call order (a
     callback from inside the compiled layer loop: the masks the fused model really drew)."""
-    import flax.linen as nn  # noqa: PLC0415
+    import flax.linen as nn
 
     masks = []
 
@@ -164,8 +177,8 @@ def test_dropout_in_train_mode_matches_unfused_reference_per_branch(branches):
     rng = np.random.default_rng(7)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), img)["params"]
     params = jax.tree_util.tree_map_with_path(
-        lambda path, x: np.float32("scale" in str(path[-1])) + 0.3 * rng.normal(size=x.shape).astype(np.float32),
-        shapes)
+        lambda path, x: np.float32("scale" in str(path[-1])) + 0.3 * rng.normal(size=x.shape).astype(np.float32), shapes
+    )
     (logits, feats), masks = _dropout_masks(model, {"params": params}, img, jax.random.PRNGKey(3))
     assert [m.shape for m in masks[:3]] == [(2, 17, branches, 32), (2, 17, branches, 64), (2, 17, branches, 32)]
     assert len(masks) == 3 * 3 and 0.6 < np.mean([m.mean() for m in masks]) < 0.8
@@ -182,19 +195,20 @@ def test_drop_path_schedule_in_train_mode_matches_unfused_reference(schedule):
     """Drop path per branch and per sample, at each layer's rate: `constant` drops every layer at `drop_path`,
     `linear` (BEiT) layer i of L at i/(L-1)·drop_path. The rate shows in the kept samples' scale 1/(1 - rate); the
     fused model in training mode equals the per-branch reference given the scales it drew."""
-    import flax.linen as nn  # noqa: PLC0415
+    import flax.linen as nn
 
-    from sslvit.models.vit import DropPath, drop_path_rates  # noqa: PLC0415
+    from sslvit.models.vit import DropPath, drop_path_rates
 
     depth, rate, batch = 3, 0.4, 16
-    model = tiny(depth=depth, num_parallel_branches=2, layer_scale_init=0.1, drop_path=rate,
-                 drop_path_schedule=schedule)
+    model = tiny(
+        depth=depth, num_parallel_branches=2, layer_scale_init=0.1, drop_path=rate, drop_path_schedule=schedule
+    )
     img = images(batch)
     rng = np.random.default_rng(5)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), img)["params"]
     params = jax.tree_util.tree_map_with_path(
-        lambda path, x: np.float32("scale" in str(path[-1])) + 0.3 * rng.normal(size=x.shape).astype(np.float32),
-        shapes)
+        lambda path, x: np.float32("scale" in str(path[-1])) + 0.3 * rng.normal(size=x.shape).astype(np.float32), shapes
+    )
     scales = []
 
     def interceptor(next_fun, args, kwargs, context):
@@ -204,33 +218,48 @@ def test_drop_path_schedule_in_train_mode_matches_unfused_reference(schedule):
         return out
 
     with nn.intercept_methods(interceptor):
-        logits, feats = model.apply({"params": params}, img, train=True, return_features=True,
-                                    rngs={"dropout": jax.random.PRNGKey(3)})
+        logits, feats = model.apply(
+            {"params": params}, img, train=True, return_features=True, rngs={"dropout": jax.random.PRNGKey(3)}
+        )
     jax.effects_barrier()
     expected = drop_path_rates(rate, depth, schedule)
     np.testing.assert_allclose(expected, [rate] * 3 if schedule == "constant" else [0.0, 0.2, 0.4], rtol=1e-6)
     assert len(scales) == 2 * depth and all(s.shape == (2, batch) for s in scales)
     for layer, want in enumerate(expected):
-        for s in scales[2 * layer:2 * layer + 2]:  # attention, then MLP branches
+        for s in scales[2 * layer : 2 * layer + 2]:  # attention, then MLP branches
             kept = s[s > 0]
             np.testing.assert_allclose(kept, 1.0 / (1.0 - want), rtol=1e-6)
             assert (s > 0).all() if want == 0 else (s == 0).any()
     per_layer = [(scales[2 * i], scales[2 * i + 1]) for i in range(depth)]
-    ref_logits, ref_layers = reference_forward(params, img, patch=4, heads=4,
-                                               path_scales=[s for pair in per_layer for s in pair])
+    ref_logits, ref_layers = reference_forward(
+        params, img, patch=4, heads=4, path_scales=[s for pair in per_layer for s in pair]
+    )
     np.testing.assert_allclose(np.asarray(feats["layers"]), ref_layers, rtol=2e-4, atol=2e-4)
     np.testing.assert_allclose(np.asarray(logits), ref_logits, rtol=2e-4, atol=2e-4)
     # Evaluation applies no drop path, whatever the schedule.
-    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, img)),
-                               reference_forward(params, img, patch=4, heads=4)[0], rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(
+        np.asarray(model.apply({"params": params}, img)),
+        reference_forward(params, img, patch=4, heads=4)[0],
+        rtol=2e-4,
+        atol=2e-4,
+    )
 
 
 def test_parallel_and_sequential_vit_s_have_equal_parameter_counts():
     img = jnp.zeros((1, 224, 224, 3))
     counts = {}
     for depth, branches in [(18, 2), (36, 1)]:
-        model = ViT(image_size=224, patch_size=16, num_classes=1000, dim=384, depth=depth, heads=6, mlp_dim=1536,
-                    num_parallel_branches=branches, layer_scale_init=1e-5)
+        model = ViT(
+            image_size=224,
+            patch_size=16,
+            num_classes=1000,
+            dim=384,
+            depth=depth,
+            heads=6,
+            mlp_dim=1536,
+            num_parallel_branches=branches,
+            layer_scale_init=1e-5,
+        )
         counts[depth] = n_params(jax.eval_shape(model.init, jax.random.PRNGKey(0), img))
     assert counts[18] == counts[36] == 64_665_064  # the official DeiT count of ViT-S 18x2 / 36x1 with LayerScale
 
@@ -263,7 +292,7 @@ def _stem_response(stem, norm, changed_patch=(1, 1)):
     if "batch_stats" in variables:  # non-trivial running statistics
         variables = {**variables, "batch_stats": jax.tree.map(lambda s: s + 0.5, variables["batch_stats"])}
     i, j = changed_patch
-    img2 = img.at[:, 4 * i:4 * i + 4, 4 * j:4 * j + 4, :].add(3.0)
+    img2 = img.at[:, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4, :].add(3.0)
     diff = jnp.abs(m.apply(variables, img2) - m.apply(variables, img)).max(-1)[0]
     return np.asarray(diff > 1e-6)
 
@@ -332,10 +361,13 @@ def test_dropout_and_drop_path_are_train_only_and_unbiased():
     img = images(1)
     variables = model.init(jax.random.PRNGKey(0), img)
     evaluated = model.apply(variables, img, return_features=True)[1]["layers"][0]
+
     # The first layer's update, averaged over many drop-path draws, equals the eval-mode update (1/keep scaling).
     def first_layer(key):
-        return model.apply(variables, img, train=True, return_features=True,
-                           rngs={"dropout": key, "emb_dropout": key})[1]["layers"][0]
+        return model.apply(variables, img, train=True, return_features=True, rngs={"dropout": key, "emb_dropout": key})[
+            1
+        ]["layers"][0]
+
     draws = jax.vmap(first_layer)(jax.random.split(jax.random.PRNGKey(1), 400))
     assert float(jnp.abs(draws[0] - draws[1]).max()) > 1e-3  # stochastic in train mode
     x0 = model.apply(variables, img, return_features=True)[1]["layers"][0] - evaluated  # zeros, shape helper
@@ -400,7 +432,6 @@ def test_remat_and_sincos_give_same_shapes_and_remat_same_values():
     assert "pos_embedding" not in v2["params"]
 
 
-
 def test_remat_saves_activation_memory_also_with_unroll_layers():
     """remat must keep its memory saving when the config also asks for unrolled layers (the tiny preset does):
     XLA's temporary memory of the gradient, per compiled program."""
@@ -409,8 +440,13 @@ def test_remat_saves_activation_memory_also_with_unroll_layers():
     def temp_bytes(**kw):
         model = tiny(image_size=32, depth=4, dim=64, mlp_dim=256, **kw)
         variables = model.init(jax.random.PRNGKey(0), img[:1])
-        grad = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({**variables, "params": p}, img, train=True,
-                                                               mutable=["batch_stats"])[0] ** 2)))
+        grad = jax.jit(
+            jax.grad(
+                lambda p: jnp.sum(
+                    model.apply({**variables, "params": p}, img, train=True, mutable=["batch_stats"])[0] ** 2
+                )
+            )
+        )
         return grad.lower(variables["params"]).compile().memory_analysis().temp_size_in_bytes
 
     plain, remat = temp_bytes(unroll_layers=True), temp_bytes(unroll_layers=True, remat=True)
@@ -432,9 +468,15 @@ def test_unrolled_layers_are_the_same_model():
 
     def loss(model):
         def f(params):
-            out = model.apply({**variables, "params": params}, img, train=True, mutable=["batch_stats"],
-                              rngs={"dropout": jax.random.PRNGKey(1)})[0]
+            out = model.apply(
+                {**variables, "params": params},
+                img,
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": jax.random.PRNGKey(1)},
+            )[0]
             return jnp.sum(out**2)
+
         return jax.jit(jax.value_and_grad(f))(variables["params"])
 
     (l_s, g_s), (l_u, g_u) = loss(scanned), loss(unrolled)
@@ -443,24 +485,32 @@ def test_unrolled_layers_are_the_same_model():
     with pytest.raises(ConfigError, match="unroll_layers='yes' must be true or false"):
         tiny(unroll_layers="yes")
 
+
 def test_fused_attention_kernel_equals_the_explicit_path():
     """attention="xla" (jax.nn.dot_product_attention, the function the cuDNN kernel implements on GPU) gives the
     explicit path's outputs and gradients, with 1 and 2 branches: float32 to rounding, bfloat16 within its
     precision. (One jitted program for all cases: compiles dominate this test.)"""
     img = images()
-    cases = {(p, name): dict(num_parallel_branches=p, layer_scale_init=0.1, drop_path=0.2, dtype=dtype, heads=2,
-                             depth=2)
-             for p in (1, 2) for name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16))}
+    cases = {
+        (p, name): dict(num_parallel_branches=p, layer_scale_init=0.1, drop_path=0.2, dtype=dtype, heads=2, depth=2)
+        for p in (1, 2)
+        for name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16))
+    }
     params = {p: jax.jit(tiny(**cases[(p, "float32")]).init)(jax.random.PRNGKey(0), img)["params"] for p in (1, 2)}
 
     def value_and_grad(model, p):
         def f(params):
             out = model.apply({"params": params}, img, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
             return jnp.sum(out.astype(jnp.float32) ** 2), out.astype(jnp.float32)
+
         return jax.value_and_grad(f, has_aux=True)(p)
 
-    results = jax.jit(lambda prm: {key: [value_and_grad(tiny(attention=impl, **kw), prm[key[0]])
-                                         for impl in ("explicit", "xla")] for key, kw in cases.items()})(params)
+    results = jax.jit(
+        lambda prm: {
+            key: [value_and_grad(tiny(attention=impl, **kw), prm[key[0]]) for impl in ("explicit", "xla")]
+            for key, kw in cases.items()
+        }
+    )(params)
     for (p, dtype), (((loss_e, out_e), g_e), ((loss_f, out_f), g_f)) in results.items():
         tol = 2e-5 if dtype == "float32" else 3e-2
         msg = f"{p} branches, {dtype}"
@@ -487,8 +537,12 @@ def test_remat_policy_saving_matmuls_keeps_values_and_uses_more_memory_than_full
     full, dots = tiny(**kw), tiny(remat_policy="dots_with_no_batch_dims_saveable", **kw)
     variables = jax.jit(full.init)(jax.random.PRNGKey(0), img[:1])
 
-    compiled = {name: jax.jit(jax.grad(lambda p, m=m: jnp.sum(m.apply({"params": p}, img) ** 2)))
-                .lower(variables["params"]).compile() for name, m in (("full", full), ("dots", dots))}
+    compiled = {
+        name: jax.jit(jax.grad(lambda p, m=m: jnp.sum(m.apply({"params": p}, img) ** 2)))
+        .lower(variables["params"])
+        .compile()
+        for name, m in (("full", full), ("dots", dots))
+    }
     g_full, g_dots = (compiled[name](variables["params"]) for name in ("full", "dots"))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g_dots, g_full)
     temp = {name: c.memory_analysis().temp_size_in_bytes for name, c in compiled.items()}
@@ -497,18 +551,21 @@ def test_remat_policy_saving_matmuls_keeps_values_and_uses_more_memory_than_full
         tiny(remat_policy="dots_saveable")
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(image_size=18), "image_size=18 is not divisible by patch_size=4"),
-    (dict(dim=30, heads=4), "dim=30 is not divisible by heads=4"),
-    (dict(num_parallel_branches=0), "num_parallel_branches"),
-    (dict(stem="resnet"), "stem.name='resnet' is not a stem: choose one of conv, hmlp, linear"),
-    (dict(stem="hmlp", patch_size=2, image_size=16), "patch_size=2 cannot be factored by the hmlp stem"),
-    (dict(pool="max"), "pool='max'"),
-    (dict(drop_path=1.0), "drop_path=1.0"),
-    (dict(stem="hmlp", stem_norm="group"), "stem.norm='group' must be one of batch, layer"),
-    (dict(attention="flash"), "attention='flash' must be one of auto, explicit, xla, cudnn"),
-    (dict(remat=True, remat_policy="everything"), "remat_policy='everything' must be one of nothing_saveable"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(image_size=18), "image_size=18 is not divisible by patch_size=4"),
+        (dict(dim=30, heads=4), "dim=30 is not divisible by heads=4"),
+        (dict(num_parallel_branches=0), "num_parallel_branches"),
+        (dict(stem="resnet"), "stem.name='resnet' is not a stem: choose one of conv, hmlp, linear"),
+        (dict(stem="hmlp", patch_size=2, image_size=16), "patch_size=2 cannot be factored by the hmlp stem"),
+        (dict(pool="max"), "pool='max'"),
+        (dict(drop_path=1.0), "drop_path=1.0"),
+        (dict(stem="hmlp", stem_norm="group"), "stem.norm='group' must be one of batch, layer"),
+        (dict(attention="flash"), "attention='flash' must be one of auto, explicit, xla, cudnn"),
+        (dict(remat=True, remat_policy="everything"), "remat_policy='everything' must be one of nothing_saveable"),
+    ],
+)
 def test_bad_arguments_raise_clear_errors_at_construction(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         tiny(**kwargs)

@@ -39,7 +39,7 @@ def test_pretraining_run_learns_and_writes_its_run_dir(pretrain_run):
     knn = [(r["step"], r["monitor/knn_top1"]) for r in rows if "monitor/knn_top1" in r]
     assert [s for s, _ in knn] == [30, 60] and all(0.15 < v <= 1 for _, v in knn), knn  # chance: 0.1
     assert results["monitor/knn_top1"] == knn[-1][1] and results["monitor_seconds"] > 0
-    from test_metrics import tb_scalars  # noqa: PLC0415
+    from test_metrics import tb_scalars
 
     assert tb_scalars(run_dir, "monitor/knn_top1") == [(s, pytest.approx(v)) for s, v in knn]
     assert 0 < rows[0]["lr"] and rows[-1]["lr"] < max(r["lr"] for r in rows)  # warmup then decay
@@ -54,6 +54,7 @@ def test_pretraining_run_learns_and_writes_its_run_dir(pretrain_run):
 
 def _kill_when_step_logged(run_dir, step: int, timeout: float = 300):
     """SIGTERM this process once metrics.jsonl shows `step` (what a scheduler's preemption does)."""
+
     def watch():
         t0 = time.time()
         while time.time() - t0 < timeout:
@@ -73,11 +74,21 @@ def _kill_when_step_logged(run_dir, step: int, timeout: float = 300):
 def test_sigterm_saves_and_resume_matches_uninterrupted_run_bitwise(tmp_path, source, request):
     """Also on the device path (data.source=arrays: index batches, images made inside the step from its key), with
     a per-layer drop-path schedule: every random draw follows from (seed, step)."""
-    overrides = TINY + ["steps=16", "log_every=2", "ckpt_every=100", "eval_batches=0", "model.drop_path=0.2",
-                        "batch_size=32"]
+    overrides = TINY + [
+        "steps=16",
+        "log_every=2",
+        "ckpt_every=100",
+        "eval_batches=0",
+        "model.drop_path=0.2",
+        "batch_size=32",
+    ]
     if source == "arrays":
-        overrides += ["data=cifar10_arrays", f"data.path={request.getfixturevalue('cifar10_arrays')}",
-                      "model.drop_path_schedule=linear", "target.num_samples=5000"]
+        overrides += [
+            "data=cifar10_arrays",
+            f"data.path={request.getfixturevalue('cifar10_arrays')}",
+            "model.drop_path_schedule=linear",
+            "target.num_samples=5000",
+        ]
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     pretrain(compose("pretrain", overrides), full_dir)
 
@@ -99,7 +110,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run_bitwise(tmp_path, so
 
 def _run_dp(n_devices: int) -> dict:
     """Three steps of global batch 64 in one process over `n_devices` CPU devices (tests/workers)."""
-    from test_distributed import finish_worker, start_worker  # noqa: PLC0415
+    from test_distributed import finish_worker, start_worker
 
     return finish_worker(start_worker("synthetic_steps", 0, 1, 0, "-", 64, devices=n_devices), timeout=600)[0]
 
@@ -112,18 +123,21 @@ def test_data_parallel_on_8_devices_matches_one_device():
     assert eight["losses"][-1] != eight["losses"][0]
 
 
-@pytest.mark.parametrize("override,match", [
-    ("mask_ratio=1.5", "mask_ratio=1.5"),
-    ("mask_ratio=0.001", "masks 0 of 64 patches"),
-    ("mask_ratio=abc", "mask_ratio='abc'"),
-    ("target.vocab_size=1", "vocab_size"),
-    ("model.image_size=30", "model.image_size=30 is not divisible by model.patch_size=4"),
-    ("model.heads=5", "model.dim=64 is not divisible by model.heads=5"),
-    ("model.depth=two", "model.depth='two'"),
-    ("optim.lr=0", "optim.lr=0"),
-    ("steps=0", "steps=0"),
-    ("batch_size=-4", "batch_size=-4"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("mask_ratio=1.5", "mask_ratio=1.5"),
+        ("mask_ratio=0.001", "masks 0 of 64 patches"),
+        ("mask_ratio=abc", "mask_ratio='abc'"),
+        ("target.vocab_size=1", "vocab_size"),
+        ("model.image_size=30", "model.image_size=30 is not divisible by model.patch_size=4"),
+        ("model.heads=5", "model.dim=64 is not divisible by model.heads=5"),
+        ("model.depth=two", "model.depth='two'"),
+        ("optim.lr=0", "optim.lr=0"),
+        ("steps=0", "steps=0"),
+        ("batch_size=-4", "batch_size=-4"),
+    ],
+)
 def test_bad_config_values_fail_at_construction(override, match, tmp_path):
     with pytest.raises(ConfigError, match=match):
         Pretraining(compose("pretrain", TINY + [override]), tmp_path)
@@ -139,8 +153,14 @@ def test_missing_dataset_is_one_clear_error(tmp_path):
 
 def _cli(run_dir, *args):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, str(REPO / "pretrain.py"), *args, f"hydra.run.dir={run_dir}"],
-                          env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(REPO / "pretrain.py"), *args, f"hydra.run.dir={run_dir}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
 
 
 def test_cli_prints_one_line_for_bad_input(tmp_path):

@@ -9,10 +9,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sslvit.errors import ConfigError
 from sslvit.config.groups import KnnOptions, ProbeOptions
-from sslvit.probe import (POOLINGS, LinearProbe, default_layers, get_pooling, knn_accuracy, linear_probe,
-                          probe_accuracy, resolve_layers, standardize, train_linear_probes)
+from sslvit.errors import ConfigError
+from sslvit.probe import (
+    POOLINGS,
+    LinearProbe,
+    default_layers,
+    get_pooling,
+    knn_accuracy,
+    linear_probe,
+    probe_accuracy,
+    resolve_layers,
+    standardize,
+    train_linear_probes,
+)
 from sslvit.probe.store import DiskFeatures, FeatureWriter, Standardized, feature_stats
 
 
@@ -74,7 +84,7 @@ def _disk_copy(x: np.ndarray, directory, parts=(700, 500)) -> DiskFeatures:
         w = FeatureWriter(directory, p)
         for a in sorted(range(0, rows, 128), reverse=True):
             b = min(a + 128, rows)
-            w.write(a, x[:, start + a:start + b].transpose(1, 0, 2))
+            w.write(a, x[:, start + a : start + b].transpose(1, 0, 2))
         w.close()
         start += rows
     return DiskFeatures(directory, parts, x.shape[0], x.shape[2])
@@ -110,29 +120,39 @@ def test_features_on_disk_train_like_features_in_memory(tmp_path):
         np.testing.assert_array_equal(probe_accuracy(a, in_memory, y), probe_accuracy(b, on_disk, y))
         assert probe_accuracy(b, on_disk, y)[0] > 0.9
     # k-NN: a budget of 2 query blocks and bank chunks finds the same neighbours as one pass over everything.
-    assert (knn_accuracy(on_disk, y, on_disk, y, n_classes, k=5, memory_bytes=2 * 600 * row_bytes).tolist()
-            == knn_accuracy(in_memory, y, in_memory, y, n_classes, k=5).tolist())
+    assert (
+        knn_accuracy(on_disk, y, on_disk, y, n_classes, k=5, memory_bytes=2 * 600 * row_bytes).tolist()
+        == knn_accuracy(in_memory, y, in_memory, y, n_classes, k=5).tolist()
+    )
     with pytest.raises(ConfigError, match="probe.memory_mb=.* fewer than probe.batch_size=64"):
         classifiers.plan_windows(n, row_bytes, 64, 1, 0, 2 * 10 * row_bytes)
 
 
 def test_probe_config_validation():
-    for group, cfg, match in ((ProbeOptions, {"epochs": 0}, "probe.epochs=0 must be an integer >= 1"),
-                              (ProbeOptions, {"lr": -1}, r"probe.lr=-1 must be a number in \(0, 10\)"),
-                              (KnnOptions, {"k": 0}, "knn.k=0 must be an integer >= 1"),
-                              (ProbeOptions, {"epoch": 3}, "probe.epoch is not a key of probe: the keys are")):
+    for group, cfg, match in (
+        (ProbeOptions, {"epochs": 0}, "probe.epochs=0 must be an integer >= 1"),
+        (ProbeOptions, {"lr": -1}, r"probe.lr=-1 must be a number in \(0, 10\)"),
+        (KnnOptions, {"k": 0}, "knn.k=0 must be an integer >= 1"),
+        (ProbeOptions, {"epoch": 3}, "probe.epoch is not a key of probe: the keys are"),
+    ):
         with pytest.raises(ConfigError, match=match):
             group.parse(cfg)
 
 
 # ---------------------------------------------------------------------------------------- with a real run
 def _probe_overrides(run, *extra):
-    return [f"run={run}", "data.train_split='train[:1024]'", "data.test_split='test[:500]'", "probe.epochs=20",
-            "progress=false", *extra]
+    return [
+        f"run={run}",
+        "data.train_split='train[:1024]'",
+        "data.test_split='test[:500]'",
+        "probe.epochs=20",
+        "progress=false",
+        *extra,
+    ]
 
 
 def test_probe_of_pretraining_run_beats_chance(pretrain_run, hydra_compose, tmp_path):
-    from sslvit.checkpoint import load_params  # noqa: PLC0415
+    from sslvit.checkpoint import load_params
 
     cfg = hydra_compose("linear_probe", _probe_overrides(pretrain_run))
     probe = LinearProbe(cfg, tmp_path)
@@ -140,8 +160,9 @@ def test_probe_of_pretraining_run_beats_chance(pretrain_run, hydra_compose, tmp_
     # The probed encoder holds the checkpoint's weights.
     saved = load_params(pretrain_run)[0]["encoder"]
     params = probe.variables()["params"]
-    np.testing.assert_array_equal(np.asarray(params["layers"]["attn"]["qkv_kernel"]),
-                                  saved["layers"]["attn"]["qkv_kernel"])
+    np.testing.assert_array_equal(
+        np.asarray(params["layers"]["attn"]["qkv_kernel"]), saved["layers"]["attn"]["qkv_kernel"]
+    )
 
     results = probe.run()
     assert results["num_train"] == 1024 and results["num_test"] == 500 and results["feature_dim"] == 128
@@ -153,21 +174,29 @@ def test_probe_of_pretraining_run_beats_chance(pretrain_run, hydra_compose, tmp_
     # The random-init baseline: same architecture, other weights, other features.
     base = LinearProbe(hydra_compose("linear_probe", _probe_overrides(pretrain_run, "random_init=true")), tmp_path)
     base_params = base.variables()["params"]
-    assert not np.array_equal(np.asarray(base_params["layers"]["attn"]["qkv_kernel"]),
-                              saved["layers"]["attn"]["qkv_kernel"])
+    assert not np.array_equal(
+        np.asarray(base_params["layers"]["attn"]["qkv_kernel"]), saved["layers"]["attn"]["qkv_kernel"]
+    )
 
 
 def test_probe_streamed_from_disk_equals_the_in_memory_path(pretrain_run, hydra_compose, tmp_path):
     """The stage (features streamed to the run dir, statistics and windows read back from disk) gives exactly the
     results of the in-memory path on the same split: features in memory, standardised, the same classifiers. With a
     budget of a fraction of the features it streams shuffled chunks and still probes well above chance."""
-    from sslvit import data as data_lib  # noqa: PLC0415
-    from sslvit.probe import extract_features, make_feature_fn  # noqa: PLC0415
-    from sslvit.train import make_mesh, replicated  # noqa: PLC0415
-    import jax  # noqa: PLC0415
+    import jax
 
-    overrides = [f"run={pretrain_run}", "data.train_split='train[:1024]'", "data.test_split='test[:300]'",
-                 "probe.epochs=5", "knn.k=10", "progress=false"]
+    from sslvit import data as data_lib
+    from sslvit.probe import extract_features, make_feature_fn
+    from sslvit.train import make_mesh, replicated
+
+    overrides = [
+        f"run={pretrain_run}",
+        "data.train_split='train[:1024]'",
+        "data.test_split='test[:300]'",
+        "probe.epochs=5",
+        "knn.k=10",
+        "progress=false",
+    ]
     probe = LinearProbe(hydra_compose("linear_probe", overrides), tmp_path / "disk")
     results = probe.run()
     assert results["windows_per_epoch"] == 1 and results["feature_bytes"] == (1024 + 300) * 2 * 128 * 4
@@ -176,9 +205,16 @@ def test_probe_streamed_from_disk_equals_the_in_memory_path(pretrain_run, hydra_
     mesh = make_mesh()
     variables = jax.device_put(probe.variables(), replicated(mesh))
     fn = make_feature_fn(probe.model, probe.layers, probe.pool)
-    feats = [extract_features(fn, variables, data_lib.make_eval_iterator(probe.data_cfg, split, batch_size=256,
-                                                                         image_size=32), mesh=mesh, progress=False)
-             for split in ("train[:1024]", "test[:300]")]
+    feats = [
+        extract_features(
+            fn,
+            variables,
+            data_lib.make_eval_iterator(probe.data_cfg, split, batch_size=256, image_size=32),
+            mesh=mesh,
+            progress=False,
+        )
+        for split in ("train[:1024]", "test[:300]")
+    ]
     (xtr, ytr), (xte, yte) = feats
     xtr, xte = standardize(xtr, xte)
     params = train_linear_probes(xtr, ytr, 10, probe.config.probe, seed=0, progress=False)
@@ -191,8 +227,9 @@ def test_probe_streamed_from_disk_equals_the_in_memory_path(pretrain_run, hydra_
     with pytest.raises(ConfigError, match="probe.memory_mb=0.25 holds 128 examples .* fewer than probe.batch_size=256"):
         LinearProbe(hydra_compose("linear_probe", overrides + ["probe.memory_mb=0.25"]), tmp_path / "bad").run()
     assert not (tmp_path / "bad").exists()  # before the run dir is made
-    small = LinearProbe(hydra_compose("linear_probe", overrides + ["probe.memory_mb=0.25", "probe.batch_size=64"]),
-                        tmp_path / "small")
+    small = LinearProbe(
+        hydra_compose("linear_probe", overrides + ["probe.memory_mb=0.25", "probe.batch_size=64"]), tmp_path / "small"
+    )
     streamed = small.run()
     assert streamed["windows_per_epoch"] == 8 and streamed["knn_top1"] == results["knn_top1"]  # k-NN: same neighbours
     assert streamed["best_top1"] > 0.2 and streamed["top1"] != results["top1"]
@@ -200,7 +237,7 @@ def test_probe_streamed_from_disk_equals_the_in_memory_path(pretrain_run, hydra_
 
 def test_probe_on_a_folder_dataset(pretrain_run, hydra_compose, tmp_path):
     """Transfer to the user's own images: two classes of 40x40 PNGs (reddish vs bluish), resized to 32 px."""
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image
 
     rng = np.random.default_rng(0)
     for split, n in (("train", 24), ("test", 10)):
@@ -212,16 +249,47 @@ def test_probe_on_a_folder_dataset(pretrain_run, hydra_compose, tmp_path):
                 img[..., 0 if c == 0 else 2] += 120
                 Image.fromarray(img.astype(np.uint8)).save(d / f"{i}.png")
     out = tmp_path / "out"
-    results = linear_probe(hydra_compose("linear_probe", [
-        f"run={pretrain_run}", "data=folder", f"data.path={tmp_path / 'images'}", "batch_size=16",
-        "probe.epochs=30", "probe.batch_size=16", "knn.k=5", "layers=[-1]", "pool=mean", "progress=false"]), out)
+    results = linear_probe(
+        hydra_compose(
+            "linear_probe",
+            [
+                f"run={pretrain_run}",
+                "data=folder",
+                f"data.path={tmp_path / 'images'}",
+                "batch_size=16",
+                "probe.epochs=30",
+                "probe.batch_size=16",
+                "knn.k=5",
+                "layers=[-1]",
+                "pool=mean",
+                "progress=false",
+            ],
+        ),
+        out,
+    )
     assert results["num_classes"] == 2 and results["num_train"] == 48 and results["num_test"] == 20
     assert results["layers"] == [2] and results["best_top1"] >= 0.9 and results["best_knn_top1"] >= 0.9
     # Augmented probing: features of new crops and flips every epoch (colour survives them).
-    augmented = linear_probe(hydra_compose("linear_probe", [
-        f"run={pretrain_run}", "data=folder", f"data.path={tmp_path / 'images'}", "batch_size=16", "probe.epochs=30",
-        "probe.batch_size=16", "knn.k=5", "layers=[-1]", "pool=mean", "progress=false", "probe.augment=true",
-        "probe.crop_scale=[0.3,1.0]"]), tmp_path / "augmented")
+    augmented = linear_probe(
+        hydra_compose(
+            "linear_probe",
+            [
+                f"run={pretrain_run}",
+                "data=folder",
+                f"data.path={tmp_path / 'images'}",
+                "batch_size=16",
+                "probe.epochs=30",
+                "probe.batch_size=16",
+                "knn.k=5",
+                "layers=[-1]",
+                "pool=mean",
+                "progress=false",
+                "probe.augment=true",
+                "probe.crop_scale=[0.3,1.0]",
+            ],
+        ),
+        tmp_path / "augmented",
+    )
     assert augmented["augment"] is True and augmented["best_top1"] >= 0.9
 
 

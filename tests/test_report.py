@@ -15,11 +15,19 @@ from PIL import Image
 
 from sslvit.errors import ConfigError
 from sslvit.metrics import MetricWriter
-from sslvit.report import (build_tables, differing_keys, flatten, load_runs, make_report, mean_std, seed_summary,
-                           to_markdown)
+from sslvit.report import (
+    build_tables,
+    differing_keys,
+    flatten,
+    load_runs,
+    make_report,
+    mean_std,
+    seed_summary,
+    to_markdown,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import report as report_script  # noqa: E402
+import report as report_script
 
 # (stem, seed) -> pretraining test accuracy; 4 runs that differ in stem and seed only.
 ACC = {("hmlp", 0): 0.31, ("hmlp", 1): 0.33, ("linear", 0): 0.27, ("linear", 1): 0.26}
@@ -39,9 +47,21 @@ def write_run(run_dir: Path, cfg, results: dict, losses=None) -> Path:
 
 
 def pretrain_results(run_dir: Path, acc: float, loss: float, **extra) -> dict:
-    return {"stage": "pretrain", "run_dir": str(run_dir), "steps": 30, "params": 123456, "train_loss": loss,
-            "train_accuracy": 0.2, "images_per_sec": 250.0, "nonfinite_steps": 0, "chance_accuracy": 0.05,
-            "test_accuracy": acc, "test_codebook_usage": 0.9, "test_batches": 4, **extra}
+    return {
+        "stage": "pretrain",
+        "run_dir": str(run_dir),
+        "steps": 30,
+        "params": 123456,
+        "train_loss": loss,
+        "train_accuracy": 0.2,
+        "images_per_sec": 250.0,
+        "nonfinite_steps": 0,
+        "chance_accuracy": 0.05,
+        "test_accuracy": acc,
+        "test_codebook_usage": 0.9,
+        "test_batches": 4,
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +78,24 @@ def sweep(tmp_path_factory, hydra_compose):
 
 
 def test_flatten_and_differing_keys():
-    a = flatten({"stem": {"name": "hmlp", "norm": "batch"}, "mask_ratio": 0.4, "seed": 0, "data": {"mean": [1, 2]},
-                 "progress": True})
-    b = flatten({"stem": {"name": "conv", "norm": "batch"}, "mask_ratio": 0.4, "seed": 1, "data": {"mean": [1, 3]},
-                 "progress": False})
+    a = flatten(
+        {
+            "stem": {"name": "hmlp", "norm": "batch"},
+            "mask_ratio": 0.4,
+            "seed": 0,
+            "data": {"mean": [1, 2]},
+            "progress": True,
+        }
+    )
+    b = flatten(
+        {
+            "stem": {"name": "conv", "norm": "batch"},
+            "mask_ratio": 0.4,
+            "seed": 1,
+            "data": {"mean": [1, 3]},
+            "progress": False,
+        }
+    )
     assert a["stem.name"] == "hmlp" and a["data.mean"] == (1, 2)
     # progress never explains a result; seeds go last; lists compare by value
     assert differing_keys([a, b]) == ["stem.name", "data.mean", "seed"]
@@ -141,19 +175,49 @@ def test_mask_ratio_plot_and_mixed_stages(tmp_path, hydra_compose):
         run = tmp_path / "pre" / f"mask_ratio={ratio}"
         cfg = hydra_compose("pretrain", [f"mask_ratio={ratio}", "stem=conv"])
         pre[ratio] = write_run(run, cfg, pretrain_results(run, acc, loss=2.0))
-    model = {"image_size": 32, "patch_size": 4, "dim": 192, "depth": 6, "num_parallel_branches": 2, "stem": "conv",
-             "stem_norm": "batch"}
+    model = {
+        "image_size": 32,
+        "patch_size": 4,
+        "dim": 192,
+        "depth": 6,
+        "num_parallel_branches": 2,
+        "stem": "conv",
+        "stem_norm": "batch",
+    }
     for ratio in (0.2, 0.6):
         run = tmp_path / "probe" / f"r{ratio}"
         cfg = hydra_compose("linear_probe", [f"run='{pre[ratio]}'"])
-        write_run(run, cfg, {"stage": "linear_probe", "run": str(pre[ratio]), "best_top1": ratio, "best_layer": 4,
-                             "best_knn_top1": ratio / 2, "chance_top1": 0.1, "model": model})
+        write_run(
+            run,
+            cfg,
+            {
+                "stage": "linear_probe",
+                "run": str(pre[ratio]),
+                "best_top1": ratio,
+                "best_layer": 4,
+                "best_knn_top1": ratio / 2,
+                "chance_top1": 0.1,
+                "model": model,
+            },
+        )
     for mode, top1, mem in (("full", 0.7, 300 * 2**20), ("attn_only", 0.68, 270 * 2**20)):
         run = tmp_path / "ft" / mode
         cfg = hydra_compose("finetune", [f"run='{pre[0.4]}'", f"finetune.mode={mode}"])  # its stem default: hmlp
-        write_run(run, cfg, {"stage": "finetune", "source_run": str(pre[0.4]), "mode": mode, "test_top1": top1,
-                             "trainable_params": 1000 if mode == "full" else 400, "total_params": 1000,
-                             "peak_memory_bytes": mem, "model": model}, losses=[2.3, 1.9])
+        write_run(
+            run,
+            cfg,
+            {
+                "stage": "finetune",
+                "source_run": str(pre[0.4]),
+                "mode": mode,
+                "test_top1": top1,
+                "trainable_params": 1000 if mode == "full" else 400,
+                "total_params": 1000,
+                "peak_memory_bytes": mem,
+                "model": model,
+            },
+            losses=[2.3, 1.9],
+        )
 
     rep = make_report([tmp_path / "pre", tmp_path / "probe", tmp_path / "ft"], tmp_path / "out")
     assert list(rep.tables) == ["pretrain", "linear_probe", "finetune"]
@@ -169,8 +233,14 @@ def test_mask_ratio_plot_and_mixed_stages(tmp_path, hydra_compose):
     assert {r["finetune.mode.name"]: r["peak_memory_mib"] for r in ft.rows} == {"full": 300.0, "attn_only": 270.0}
     assert ft.metrics == ["test_top1", "trainable_params", "total_params", "peak_memory_mib"]
     names = {p.name for p in rep.files}
-    assert {"report.md", "report.csv", "pretrain_by_option.png", "pretrain_vs_mask_ratio.png",
-            "linear_probe_vs_mask_ratio.png", "finetune_loss_curves.png"} <= names
+    assert {
+        "report.md",
+        "report.csv",
+        "pretrain_by_option.png",
+        "pretrain_vs_mask_ratio.png",
+        "linear_probe_vs_mask_ratio.png",
+        "finetune_loss_curves.png",
+    } <= names
     assert "report_seeds.csv" not in names  # no seed differs
     for name in ("pretrain_vs_mask_ratio.png", "linear_probe_vs_mask_ratio.png", "finetune_by_option.png"):
         _png_ok(tmp_path / "out" / name)
@@ -180,30 +250,42 @@ def test_mask_ratio_plot_and_mixed_stages(tmp_path, hydra_compose):
 
     # a from-scratch baseline next to the fine-tunes differs in `init`, not in every pretraining option
     run = tmp_path / "ft" / "scratch"
-    write_run(run, hydra_compose("finetune", ["run=null"]),
-              {"stage": "finetune", "source_run": None, "mode": "full", "test_top1": 0.5, "model": model})
+    write_run(
+        run,
+        hydra_compose("finetune", ["run=null"]),
+        {"stage": "finetune", "source_run": None, "mode": "full", "test_top1": 0.5, "model": model},
+    )
     ft = build_tables(load_runs([tmp_path / "ft"]))["finetune"]
     assert ft.keys == ["init", "finetune.mode.name"]
     assert {(r["init"], r["finetune.mode.name"]): r["test_top1"] for r in ft.rows} == {
-        ("pretrained", "attn_only"): 0.68, ("pretrained", "full"): 0.7, ("scratch", "full"): 0.5}
+        ("pretrained", "attn_only"): 0.68,
+        ("pretrained", "full"): 0.7,
+        ("scratch", "full"): 0.5,
+    }
 
     # a probe of a fine-tuned encoder: the source's options are `source.*`, not `pretrain.*`
     run = tmp_path / "probe_of_ft"
-    write_run(run, hydra_compose("linear_probe", [f"run='{tmp_path / 'ft' / 'full'}'"]),
-              {"stage": "linear_probe", "run": str(tmp_path / "ft" / "full"), "best_top1": 0.5, "model": model})
+    write_run(
+        run,
+        hydra_compose("linear_probe", [f"run='{tmp_path / 'ft' / 'full'}'"]),
+        {"stage": "linear_probe", "run": str(tmp_path / "ft" / "full"), "best_top1": 0.5, "model": model},
+    )
     (cfg,) = [r.config for r in load_runs([run])]
     assert cfg["source.finetune.mode.name"] == "full" and not any(k.startswith("pretrain.") for k in cfg)
 
 
 def test_config_from_checkpoint_meta(tmp_path):
     """A run made by calling pretrain() directly has no .hydra dir: the checkpoint meta's config is used."""
-    from sslvit.checkpoint import Checkpointer  # noqa: PLC0415
+    from sslvit.checkpoint import Checkpointer
 
     for stem in ("hmlp", "linear"):
         run = tmp_path / stem
         with Checkpointer(run / "checkpoints") as ck:
-            ck.save(1, {"params": {"w": np.zeros(2, np.float32)}},
-                    meta={"stage": "pretrain", "config": {"stem": {"name": stem}, "seed": 0}})
+            ck.save(
+                1,
+                {"params": {"w": np.zeros(2, np.float32)}},
+                meta={"stage": "pretrain", "config": {"stem": {"name": stem}, "seed": 0}},
+            )
         (run / "results.json").write_text(json.dumps(pretrain_results(run, 0.5, 1.0)))
     table = build_tables(load_runs([tmp_path]))["pretrain"]
     assert table.keys == ["stem.name"] and [r["stem.name"] for r in table.rows] == ["hmlp", "linear"]

@@ -55,8 +55,9 @@ def test_not_applied_where_an_accelerator_plugin_is_installed(tmp_path):
     (tmp_path / "jax_plugins" / "xla_fake" / "__init__.py").write_text("")
     code = "from sslvit.runtime import keep_host_memory; print(keep_host_memory())"
     for plugin, expected in ((True, "False"), (False, "True")):
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("JAX_PLATFORMS", "JAX_PLATFORM_NAME", "SSLVIT_HOST_MALLOC")}
+        env = {
+            k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "JAX_PLATFORM_NAME", "SSLVIT_HOST_MALLOC")
+        }
         if plugin:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)

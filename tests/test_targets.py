@@ -7,10 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sslvit.errors import ConfigError
 from sslvit import kmeans as K
 from sslvit import targets as T
-
+from sslvit.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------
 # Patches
@@ -21,7 +20,7 @@ def test_patchify_order_row_major_grid():
     p, gh, gw, c = 2, 3, 4, 3
     img = np.zeros((1, gh * p, gw * p, c), np.float32)
     for i, j in itertools.product(range(gh), range(gw)):
-        img[0, i * p:(i + 1) * p, j * p:(j + 1) * p] = i * gw + j  # patch k holds value k
+        img[0, i * p : (i + 1) * p, j * p : (j + 1) * p] = i * gw + j  # patch k holds value k
     patches = T.patchify(img, p)
     assert patches.shape == (1, gh * gw, p * p * c)
     np.testing.assert_array_equal(patches[0], np.repeat(np.arange(gh * gw, dtype=np.float32)[:, None], p * p * c, 1))
@@ -270,8 +269,11 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="target.normalize"):
         T.make_target("pixel", patch_size=4, normalize="yes")
     # a full config mapping (as from conf/target/kmeans.yaml) is accepted
-    t = T.make_target("kmeans", patch_size=4, **{"name": "kmeans", "vocab_size": 512, "num_samples": 100000,
-                                                 "iters": 20, "path": None})
+    t = T.make_target(
+        "kmeans",
+        patch_size=4,
+        **{"name": "kmeans", "vocab_size": 512, "num_samples": 100000, "iters": 20, "path": None},
+    )
     assert t.num_outputs == 512 and t.iters == 20
     assert isinstance(t, T.TARGETS.get("kmeans"))
 
@@ -282,8 +284,7 @@ def test_kmeans_random_init_for_large_vocab(monkeypatch):
     res = K.kmeans(x, 12, iters=5, seed=0)
     counts = np.asarray(res["counts"])
     assert counts.sum() == 300 and counts.min() > 0
-    np.testing.assert_array_equal(np.asarray(K.kmeans(x, 12, iters=5, seed=0)["codebook"]),
-                                  np.asarray(res["codebook"]))
+    np.testing.assert_array_equal(np.asarray(K.kmeans(x, 12, iters=5, seed=0)["codebook"]), np.asarray(res["codebook"]))
 
 
 @pytest.mark.parametrize("max_entries", [1, 7 * 40, 13 * 40, 10**9])

@@ -13,19 +13,31 @@ from sslvit.models import ViT
 from sslvit.optim import decay_mask, layer_decay_scales, make_optimizer
 from sslvit.train import TrainState, make_train_step
 
-OPTIM = OmegaConf.create(dict(lr=1e-3, min_lr=0.0, warmup_steps=2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
-                              clip_grad_norm=3.0, layer_decay=None, accum_steps=1))
+OPTIM = OmegaConf.create(
+    dict(
+        lr=1e-3,
+        min_lr=0.0,
+        warmup_steps=2,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.05,
+        clip_grad_norm=3.0,
+        layer_decay=None,
+        accum_steps=1,
+    )
+)
 
 
 def small_vit(**kw):
-    return ViT(image_size=8, patch_size=4, num_classes=5, dim=16, depth=2, heads=2, mlp_dim=32,
-               num_parallel_branches=2, **kw)
+    return ViT(
+        image_size=8, patch_size=4, num_classes=5, dim=16, depth=2, heads=2, mlp_dim=32, num_parallel_branches=2, **kw
+    )
 
 
 def classification_loss(model):
     def loss_fn(params, batch_stats, batch, rng, consts):
-        logits = model.apply({"params": params}, batch["image"], train=True,
-                             rngs={"dropout": rng, "emb_dropout": rng})
+        logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng, "emb_dropout": rng})
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
         return loss, ({"accuracy": (logits.argmax(-1) == batch["label"]).mean()}, batch_stats)
 
@@ -38,8 +50,7 @@ def setup(mode="full", **kw):
     trainable, frozen = partition(params, make_mode(mode))
     opt, sched = make_optimizer(OPTIM, trainable, total_steps=10)
     state = TrainState.create(trainable, frozen, {}, opt)
-    batch = {"image": jax.random.normal(jax.random.PRNGKey(1), (8, 8, 8, 3)),
-             "label": jnp.arange(8) % 5}
+    batch = {"image": jax.random.normal(jax.random.PRNGKey(1), (8, 8, 8, 3)), "label": jnp.arange(8) % 5}
     return model, opt, sched, state, batch
 
 
@@ -100,9 +111,14 @@ def test_frozen_leaves_get_no_optimizer_state_and_stay_bitwise():
 def test_attn_only_selects_exactly_attention_head_and_pos_embedding():
     params = small_vit().init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]
     assert trainable_paths(params, "attn_only") == [
-        "head/bias", "head/kernel",
-        "layers/attn/out_bias", "layers/attn/out_kernel", "layers/attn/qkv_bias", "layers/attn/qkv_kernel",
-        "pos_embedding"]
+        "head/bias",
+        "head/kernel",
+        "layers/attn/out_bias",
+        "layers/attn/out_kernel",
+        "layers/attn/qkv_bias",
+        "layers/attn/qkv_kernel",
+        "pos_embedding",
+    ]
     assert "layers/mlp/fc1_kernel" in trainable_paths(params, "mlp_only")
     assert trainable_paths(params, "head_only") == ["head/bias", "head/kernel"]
 
@@ -111,8 +127,14 @@ def test_weight_decay_mask_and_layer_decay_scales():
     params = small_vit(layer_scale_init=0.1).init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]
     mask = decay_mask(params)
     assert mask["layers"]["attn"]["qkv_kernel"] and mask["head"]["kernel"] and mask["stem"]["proj"]["kernel"]
-    for leaf in (mask["layers"]["attn"]["norm_scale"], mask["layers"]["mlp"]["fc1_bias"], mask["pos_embedding"],
-                 mask["cls_token"], mask["layers"]["attn"]["layer_scale"], mask["norm"]["scale"]):
+    for leaf in (
+        mask["layers"]["attn"]["norm_scale"],
+        mask["layers"]["mlp"]["fc1_bias"],
+        mask["pos_embedding"],
+        mask["cls_token"],
+        mask["layers"]["attn"]["layer_scale"],
+        mask["norm"]["scale"],
+    ):
         assert not leaf
     scales = layer_decay_scales(params, depth=2, decay=0.5)
     assert float(scales["head"]["kernel"]) == 1.0
@@ -136,10 +158,16 @@ def test_layer_decay_scales_the_update_per_layer():
     np.testing.assert_allclose(np.asarray(ratio[:, 0, 0, 0]), [0.25, 0.5], rtol=1e-5)
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("lr", -1.0, "optim.lr=-1.0"), ("lr", "fast", "optim.lr='fast'"), ("layer_decay", 1.5, "optim.layer_decay"),
-    ("accum_steps", 0, "optim.accum_steps"), ("clip_grad_norm", 0, "optim.clip_grad_norm"),
-])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("lr", -1.0, "optim.lr=-1.0"),
+        ("lr", "fast", "optim.lr='fast'"),
+        ("layer_decay", 1.5, "optim.layer_decay"),
+        ("accum_steps", 0, "optim.accum_steps"),
+        ("clip_grad_norm", 0, "optim.clip_grad_norm"),
+    ],
+)
 def test_bad_optimizer_config(key, value, match):
     cfg = dict(OPTIM, **{key: value})
     with pytest.raises(ConfigError, match=match):

@@ -8,8 +8,22 @@ from PIL import Image
 
 from sslvit.errors import ConfigError
 from sslvit.targets import normalize_patches, patchify
-from sslvit.visualize import (COLUMNS, HEADER_PX, MASK_GREY, PAD_PX, composite, default_scale, denormalize_images,
-                              denormalize_patches, grid_size, load_run, mask_pixels, save_grid, upscale, visualize)
+from sslvit.visualize import (
+    COLUMNS,
+    HEADER_PX,
+    MASK_GREY,
+    PAD_PX,
+    composite,
+    default_scale,
+    denormalize_images,
+    denormalize_patches,
+    grid_size,
+    load_run,
+    mask_pixels,
+    save_grid,
+    upscale,
+    visualize,
+)
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -61,7 +75,7 @@ def test_grid_png_is_exact(tmp_path):
     for i in range(3):
         for j in range(len(COLUMNS)):
             y, x = HEADER_PX + PAD_PX + i * (24 + PAD_PX), PAD_PX + j * (24 + PAD_PX)
-            np.testing.assert_allclose(png[y:y + 24, x:x + 24], rows[i][j], atol=1 / 255 + 1e-6)
+            np.testing.assert_allclose(png[y : y + 24, x : x + 24], rows[i][j], atol=1 / 255 + 1e-6)
     assert png[:HEADER_PX].min() < 0.5  # the header holds text
 
 
@@ -79,24 +93,42 @@ def test_bad_input(tmp_path):
 def test_pixel_target_panels():
     """Pixel target (per-patch normalised): the target column's masked patches are the original pixels again, the
     visible ones faded; the prediction is drawn at masked patches only; the metric is the MSE at masked patches."""
-    import jax  # noqa: PLC0415
+    import jax
 
-    from sslvit.models import build_vit  # noqa: PLC0415
-    from sslvit.masking import make_mask_sampler  # noqa: PLC0415
-    from sslvit.models.mim import MaskedImageModel  # noqa: PLC0415
-    from sslvit.targets import make_target  # noqa: PLC0415
-    from sslvit.visualize import LoadedRun, compute_panels  # noqa: PLC0415
+    from sslvit.masking import make_mask_sampler
+    from sslvit.models import build_vit
+    from sslvit.models.mim import MaskedImageModel
+    from sslvit.targets import make_target
+    from sslvit.visualize import LoadedRun, compute_panels
 
-    enc = build_vit({"model": {"image_size": 16, "patch_size": 4, "dim": 32, "depth": 1, "heads": 2, "mlp_dim": 64},
-                     "stem": {"name": "linear"}}, num_classes=0, use_mask_token=True)
+    enc = build_vit(
+        {
+            "model": {"image_size": 16, "patch_size": 4, "dim": 32, "depth": 1, "heads": 2, "mlp_dim": 64},
+            "stem": {"name": "linear"},
+        },
+        num_classes=0,
+        use_mask_token=True,
+    )
     target = make_target("pixel", patch_size=4, normalize=True)
     model = MaskedImageModel(enc, target.num_outputs)
     images = np.random.default_rng(3).normal(size=(2, 16, 16, 3)).astype(np.float32)
     sampler = make_mask_sampler("random", (4, 4), 0.5)
     mask = sampler(np.random.default_rng(0), 2)
     variables = jax.jit(model.init)(jax.random.key(0), images[:1], mask[:1])
-    lr = LoadedRun(run_dir=None, step=0, config={}, model=model, variables=variables, target=target, target_state={},
-                   sampler=sampler, image_size=16, patch_size=4, grid_hw=(4, 4), data_cfg=None)
+    lr = LoadedRun(
+        run_dir=None,
+        step=0,
+        config={},
+        model=model,
+        variables=variables,
+        target=target,
+        target_state={},
+        sampler=sampler,
+        image_size=16,
+        patch_size=4,
+        grid_hw=(4, 4),
+        data_cfg=None,
+    )
     p = compute_panels(lr, images, mask, CIFAR_MEAN, CIFAR_STD)
     shown = denormalize_images(images, CIFAR_MEAN, CIFAR_STD)
     px = mask_pixels(mask, (4, 4), 4)[..., 0]
@@ -112,9 +144,10 @@ def test_pixel_target_panels():
 
 def _cells(png: np.ndarray, n: int, cell: int) -> np.ndarray:
     """(n, 4, cell, cell, 3) cells of a grid PNG."""
+
     def cell_at(i, j):
         y, x = HEADER_PX + PAD_PX + i * (cell + PAD_PX), PAD_PX + j * (cell + PAD_PX)
-        return png[y:y + cell, x:x + cell]
+        return png[y : y + cell, x : x + cell]
 
     return np.stack([np.stack([cell_at(i, j) for j in range(len(COLUMNS))]) for i in range(n)])
 
@@ -132,7 +165,7 @@ def test_visualize_pretraining_run(pretrain_run, hydra_compose, tmp_path):
     cells = _cells(png, 3, 32 * scale)[..., ::scale, ::scale, :]  # back to 32x32 (nearest upscaling)
 
     # column 1 is the de-normalised test image; column 2 greys exactly the patches the run's sampler masks
-    from sslvit import data as data_lib  # noqa: PLC0415
+    from sslvit import data as data_lib
 
     dc = lr.data_cfg
     images = next(iter(data_lib.make_eval_iterator(dc, batch_size=3, image_size=32)))["image"]

@@ -27,6 +27,7 @@ def test_derivative_matches_autodiff_of_jax_gelu(dtype, tol):
     # and the closed form Φ(x) + x φ(x) in float64
     x64 = X.astype(np.float64)
     from math import erf, exp, pi, sqrt
+
     exact = np.array([0.5 * (1 + erf(v / sqrt(2))) + v * exp(-0.5 * v * v) / sqrt(2 * pi) for v in x64])
     np.testing.assert_allclose(np.asarray(ours, np.float64), exact, rtol=tol, atol=tol)
 

@@ -87,14 +87,13 @@ def _bounds(gt=None, ge=None, lt=None, le=None) -> str:
 
 
 def _within(x, gt=None, ge=None, lt=None, le=None) -> bool:
-    return ((gt is None or x > gt) and (ge is None or x >= ge) and (lt is None or x < lt)
-            and (le is None or x <= le))
+    return (gt is None or x > gt) and (ge is None or x >= ge) and (lt is None or x < lt) and (le is None or x <= le)
 
 
 class Integer(Check):
     """An integer (not a bool, not a float) within bounds."""
 
-    def __init__(self, min: int | None = None, max: int | None = None):  # noqa: A002 - reads best at call sites
+    def __init__(self, min: int | None = None, max: int | None = None):
         self.min, self.max = min, max
         bounds = _bounds(ge=min, le=max)
         self.what = f"an integer {bounds}".strip()
@@ -109,8 +108,9 @@ class Integer(Check):
 class Number(Check):
     """A finite real number (ints accepted) within bounds; converted to float."""
 
-    def __init__(self, *, gt: float | None = None, ge: float | None = None, lt: float | None = None,
-                 le: float | None = None):
+    def __init__(
+        self, *, gt: float | None = None, ge: float | None = None, lt: float | None = None, le: float | None = None
+    ):
         self.bounds = dict(gt=gt, ge=ge, lt=lt, le=le)
         text = _bounds(**self.bounds)
         self.what = f"a number {text}".strip() if text else "a finite number"
@@ -219,8 +219,7 @@ class ImageSize(Check):
     def ok(self, value):
         if is_int(value):
             return value >= 1
-        return (isinstance(value, (list, tuple)) and len(value) == 2
-                and all(is_int(v) and v >= 1 for v in value))
+        return isinstance(value, (list, tuple)) and len(value) == 2 and all(is_int(v) and v >= 1 for v in value)
 
     def convert(self, value):
         return int(value) if is_int(value) else [int(v) for v in value]
@@ -234,15 +233,17 @@ class Name(Check):
 
     def __call__(self, value: Any, key: str, hint: str = "") -> Any:
         if not isinstance(value, str) or value not in self.registry:
-            raise ConfigError(f"{key}={_show(value)} is not a {self.registry.kind}: choose one of "
-                              f"{', '.join(self.registry.names())}")
+            raise ConfigError(
+                f"{key}={_show(value)} is not a {self.registry.kind}: choose one of {', '.join(self.registry.names())}"
+            )
         return value
 
 
 class Registered(Check):
     """A config group that selects an implementation from `registry` by its `name` key (or a bare name, with the
-    implementation's default options); the other keys are that implementation's options (names checked here, values where it is built). `ignore`: keys of the group that are
-    not options (besides `name`); `given`: parameters the program passes, which a config may not set."""
+    implementation's default options); the other keys are that implementation's options (names checked here, values
+    where it is built). `ignore`: keys of the group that are not options (besides `name`); `given`: parameters the
+    program passes, which a config may not set."""
 
     def __init__(self, registry, ignore: Iterable[str] = (), given: Iterable[str] = ()):
         self.registry = registry
@@ -301,8 +302,10 @@ class Group:
         skip = set(extra)
         unknown = sorted(k for k in items if k not in fields and k not in skip)
         if unknown:
-            raise ConfigError(f"{_dotted(prefix, unknown[0])} is not a key of {prefix or 'this config'}: the keys "
-                              f"are {', '.join(sorted(set(fields) | skip))}")
+            raise ConfigError(
+                f"{_dotted(prefix, unknown[0])} is not a key of {prefix or 'this config'}: the keys "
+                f"are {', '.join(sorted(set(fields) | skip))}"
+            )
         values = {}
         for name, f in fields.items():
             dotted = _dotted(prefix, name)
@@ -374,8 +377,10 @@ def _items(cfg: Any, prefix: str) -> dict[str, Any]:
                 except OmegaConfBaseException as e:  # an interpolation that does not resolve: ${oops}, ${oc.env:X}
                     where, raw, err = _unresolved(cfg, prefix) or (_dotted(prefix, str(k)), "?", e)
                     why = " ".join(str(err).split("\n")[0].split())
-                    raise ConfigError(f"{where}={raw} cannot be resolved ({why}): give a value, or an interpolation "
-                                      f"of an existing key") from None
+                    raise ConfigError(
+                        f"{where}={raw} cannot be resolved ({why}): give a value, or an interpolation "
+                        f"of an existing key"
+                    ) from None
             return out
     except ImportError:  # pragma: no cover - omegaconf comes with hydra-core
         pass

@@ -10,8 +10,20 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from sslvit.config.checks import (AnyValue, Boolean, Choice, Group, ImageSize, Integer, Number, Numbers, Optional,
-                                  Path, String, key)
+from sslvit.config.checks import (
+    AnyValue,
+    Boolean,
+    Choice,
+    Group,
+    ImageSize,
+    Integer,
+    Number,
+    Numbers,
+    Optional,
+    Path,
+    String,
+    key,
+)
 from sslvit.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
@@ -50,8 +62,9 @@ class ModelConfig(Group):
     dropout: float = key(Number(ge=0, lt=1), 0.0)
     emb_dropout: float = key(Number(ge=0, lt=1), 0.0)
     drop_path: float = key(Number(ge=0, lt=1), 0.0)
-    drop_path_schedule: str = key(Choice(DROP_PATH_SCHEDULES), "constant",
-                                  hint="(linear: layer i of L drops i/(L-1)·drop_path, as BEiT)")
+    drop_path_schedule: str = key(
+        Choice(DROP_PATH_SCHEDULES), "constant", hint="(linear: layer i of L drops i/(L-1)·drop_path, as BEiT)"
+    )
     layer_scale_init: float | None = key(Optional(Number(gt=0), "null (no LayerScale)"), None)
     dtype: str = key(Choice(DTYPES), "float32", hint="(the activations; parameters stay float32)")
     remat: bool = key(Boolean(), False)
@@ -62,14 +75,20 @@ class ModelConfig(Group):
     def validate(self) -> None:
         k = self.dotted
         if self.remat_policy != REMAT_POLICIES[0] and not self.remat:
-            raise ConfigError(f"{k('remat_policy')}={self.remat_policy} has no effect without {k('remat')}=true: set "
-                              f"both, or leave {k('remat_policy')}={REMAT_POLICIES[0]}")
+            raise ConfigError(
+                f"{k('remat_policy')}={self.remat_policy} has no effect without {k('remat')}=true: set "
+                f"both, or leave {k('remat_policy')}={REMAT_POLICIES[0]}"
+            )
         if any(s % self.patch_size for s in self.image_hw):
-            raise ConfigError(f"{k('image_size')}={self.image_size} is not divisible by {k('patch_size')}="
-                              f"{self.patch_size}: choose an image size that is a multiple of the patch size")
+            raise ConfigError(
+                f"{k('image_size')}={self.image_size} is not divisible by {k('patch_size')}="
+                f"{self.patch_size}: choose an image size that is a multiple of the patch size"
+            )
         if self.dim_head is None and self.dim % self.heads:
-            raise ConfigError(f"{k('dim')}={self.dim} is not divisible by {k('heads')}={self.heads}: choose heads "
-                              f"dividing dim, or set {k('dim_head')}")
+            raise ConfigError(
+                f"{k('dim')}={self.dim} is not divisible by {k('heads')}={self.heads}: choose heads "
+                f"dividing dim, or set {k('dim_head')}"
+            )
         if self.pos_embedding == "sincos" and self.dim % 4:
             raise ConfigError(f"{k('dim')}={self.dim} must be divisible by 4 for {k('pos_embedding')}=sincos")
 
@@ -98,13 +117,16 @@ class DataConfig(Group):
     train_split: str = key(String(), "train")  # tfds split spec (slices such as 'train[:256]'), or folder sub-dir
     test_split: str = key(String(), "test")
     num_classes: int | None = key(Optional(Integer(min=1), "null (from the dataset)"), None)
-    mean: tuple[float, float, float] = key(Numbers(3, Number(ge=0, le=1)), IMAGENET_MEAN,
-                                           hint=f"{_UNIT}, e.g. {list(IMAGENET_MEAN)}")
-    std: tuple[float, float, float] = key(Numbers(3, Number(gt=0, le=1)), IMAGENET_STD,
-                                          hint=f"{_UNIT}, e.g. {list(IMAGENET_STD)}")
+    mean: tuple[float, float, float] = key(
+        Numbers(3, Number(ge=0, le=1)), IMAGENET_MEAN, hint=f"{_UNIT}, e.g. {list(IMAGENET_MEAN)}"
+    )
+    std: tuple[float, float, float] = key(
+        Numbers(3, Number(gt=0, le=1)), IMAGENET_STD, hint=f"{_UNIT}, e.g. {list(IMAGENET_STD)}"
+    )
     shuffle_buffer: int = key(Integer(min=1), 10_000)
-    crop_scale: tuple[float, float] = key(Numbers(2, Number(gt=0, le=1)), (0.2, 1.0),
-                                          hint="[min, max] area fractions, e.g. [0.2, 1.0] or [0.08, 1.0]")
+    crop_scale: tuple[float, float] = key(
+        Numbers(2, Number(gt=0, le=1)), (0.2, 1.0), hint="[min, max] area fractions, e.g. [0.2, 1.0] or [0.08, 1.0]"
+    )
     # Evaluation resizes the shorter side to image_size / eval_crop_pct before the central crop: the floor keeps that
     # resize within 4x the image size (a tiny value asked TensorFlow for a gigapixel image at the final evaluation).
     eval_crop_pct: float = key(Number(ge=0.25, le=1), 1.0, hint="e.g. 1.0 (CIFAR) or 0.875 (ImageNet)")
@@ -114,8 +136,11 @@ class DataConfig(Group):
     # processes share a host); null: TensorFlow's shared pool over all cores
     threads: int | None = key(Optional(Integer(min=1), "null (all cores)"), None)
     download: bool = key(Boolean(), True)  # try tfds download_and_prepare when the dataset is not prepared
-    on_corrupt: str = key(Choice(ON_CORRUPT), "error",
-                          hint="(error stops and names the file; skip leaves corrupt images out and counts them)")
+    on_corrupt: str = key(
+        Choice(ON_CORRUPT),
+        "error",
+        hint="(error stops and names the file; skip leaves corrupt images out and counts them)",
+    )
     verify_images: bool = key(Boolean(), True)  # folder datasets: check images up front (needed for on_corrupt)
     # folder datasets: where the verification manifest lives (sslvit/data/manifest.py); null: <data.path>/.sslvit if
     # writable, else the user's cache directory
@@ -170,8 +195,10 @@ class OptimConfig(Group):
 
     def validate(self) -> None:
         if self.min_lr > self.lr:
-            raise ConfigError(f"{self.dotted('min_lr')}={self.min_lr:g} must be a number in [0, optim.lr={self.lr:g}] (the end "
-                              f"of the cosine decay)")
+            raise ConfigError(
+                f"{self.dotted('min_lr')}={self.min_lr:g} must be a number in [0, optim.lr={self.lr:g}] (the end "
+                f"of the cosine decay)"
+            )
 
 
 # ------------------------------------------------------------------------------------------------ processes
@@ -215,16 +242,18 @@ class FinetuneOptions(Group):
     PREFIX = "finetune"
 
     mode: Any = key(AnyValue())  # a registered fine-tune mode: checked by its registry (sslvit/config/stages.py)
-    image_size: int | None = key(Optional(Integer(min=1), "null for the pretraining resolution"), None,
-                                 hint="(a multiple of the patch size)")
+    image_size: int | None = key(
+        Optional(Integer(min=1), "null for the pretraining resolution"), None, hint="(a multiple of the patch size)"
+    )
     drop_path: float = key(Number(ge=0, lt=1), 0.1)  # replaces the model's drop_path
     label_smoothing: float = key(Number(ge=0, lt=1), 0.1)
     mixup_alpha: float = key(Number(ge=0), 0.0, hint="(0 = off; BEiT uses 0.8)")
     cutmix_alpha: float = key(Number(ge=0), 0.0, hint="(0 = off; BEiT uses 1.0)")
     mix_prob: float = key(Number(ge=0, le=1), 1.0)  # probability that a batch is mixed at all
     switch_prob: float = key(Number(ge=0, le=1), 0.5)  # with both on: probability of CutMix rather than Mixup
-    crop_scale: tuple[float, float] = key(Numbers(2, Number(gt=0, le=1)), (0.08, 1.0),
-                                          hint="[min, max] area fractions, e.g. [0.08, 1.0]")
+    crop_scale: tuple[float, float] = key(
+        Numbers(2, Number(gt=0, le=1)), (0.08, 1.0), hint="[min, max] area fractions, e.g. [0.08, 1.0]"
+    )
 
     def validate(self) -> None:
         check_crop_scale(self.crop_scale, self.dotted("crop_scale"))
@@ -244,8 +273,11 @@ class ProbeOptions(Group):
     # Host memory for features while the classifiers train and the k-NN runs; the features wait on disk.
     memory_mb: float = key(Number(gt=0), 2048, hint="(MiB of features held at once; the rest stay on disk)")
     augment: bool = key(Boolean(), False)  # features of new random-resized crops every epoch (BEiT's linear eval)
-    crop_scale: tuple[float, float] = key(Numbers(2, Number(gt=0, le=1)), (0.08, 1.0),
-                                          hint="[min, max] area fractions of probe.augment's crops, e.g. [0.08, 1.0]")
+    crop_scale: tuple[float, float] = key(
+        Numbers(2, Number(gt=0, le=1)),
+        (0.08, 1.0),
+        hint="[min, max] area fractions of probe.augment's crops, e.g. [0.08, 1.0]",
+    )
 
     def validate(self) -> None:
         check_crop_scale(self.crop_scale, self.dotted("crop_scale"))
@@ -278,6 +310,19 @@ class MonitorOptions(Group):
     temperature: float = key(Number(gt=0, lt=1000), 0.07, hint="e.g. 0.07")
 
 
-__all__ = ["DROP_PATH_SCHEDULES", "DTYPES", "DataConfig", "DistributedConfig", "FinetuneOptions", "KnnOptions",
-           "LoopConfig", "ModelConfig", "MonitorOptions", "OptimConfig", "POOLS", "POS_EMBEDDINGS", "ProbeOptions",
-           "check_crop_scale"]
+__all__ = [
+    "DROP_PATH_SCHEDULES",
+    "DTYPES",
+    "DataConfig",
+    "DistributedConfig",
+    "FinetuneOptions",
+    "KnnOptions",
+    "LoopConfig",
+    "ModelConfig",
+    "MonitorOptions",
+    "OptimConfig",
+    "POOLS",
+    "POS_EMBEDDINGS",
+    "ProbeOptions",
+    "check_crop_scale",
+]

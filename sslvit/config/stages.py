@@ -10,11 +10,32 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from sslvit.config.checks import (MISSING_VALUE, AnyValue, Boolean, Group, Integer, Name, Optional, Path,
-                                  Registered, String, Sub, key)
+from sslvit.config.checks import (
+    MISSING_VALUE,
+    AnyValue,
+    Boolean,
+    Group,
+    Integer,
+    Name,
+    Optional,
+    Path,
+    Registered,
+    String,
+    Sub,
+    key,
+)
+from sslvit.config.groups import (
+    DataConfig,
+    DistributedConfig,
+    FinetuneOptions,
+    KnnOptions,
+    LoopConfig,
+    ModelConfig,
+    MonitorOptions,
+    OptimConfig,
+    ProbeOptions,
+)
 from sslvit.errors import ConfigError
-from sslvit.config.groups import (DataConfig, DistributedConfig, FinetuneOptions, KnnOptions, LoopConfig,
-                                  ModelConfig, MonitorOptions, OptimConfig, ProbeOptions)
 from sslvit.finetune_modes import FINETUNE_MODES
 from sslvit.masking import MASK_SAMPLERS
 from sslvit.models.stems import STEM_GIVEN, STEMS
@@ -30,8 +51,10 @@ _INIT_HINT = "a timm or DeiT checkpoint (.safetensors, .pth), described by the m
 def check_run_or_init(run: Any, init: Any, *, scratch: bool) -> None:
     """Exactly one start: `run=<run dir>`, `init=<file>` or (fine-tuning) `run=null` from scratch."""
     if run == MISSING_VALUE and init is None:
-        raise ConfigError(f"run is not set: pass run=<{_RUN_HINT}>, init=<{_INIT_HINT}>"
-                          + (", or run=null to train from scratch" if scratch else ""))
+        raise ConfigError(
+            f"run is not set: pass run=<{_RUN_HINT}>, init=<{_INIT_HINT}>"
+            + (", or run=null to train from scratch" if scratch else "")
+        )
     if init is not None and run not in (None, MISSING_VALUE):
         raise ConfigError(f"run={run} and init={init} are both set: start from a run or from a file (drop one)")
 
@@ -113,11 +136,15 @@ class LinearProbeConfig(Group):
             if self.init is None:
                 raise ConfigError(f"run=null: pass run=<{_RUN_HINT}> or init=<{_INIT_HINT}>")
             if self.model is None or self.stem is None:
-                raise ConfigError("init=<file> needs the model and stem groups to describe the file's architecture: "
-                                  "pass model=<preset> stem=<stem> (and model.* options)")
+                raise ConfigError(
+                    "init=<file> needs the model and stem groups to describe the file's architecture: "
+                    "pass model=<preset> stem=<stem> (and model.* options)"
+                )
         elif self.model is not None or self.stem is not None:
-            raise ConfigError("model/stem options describe an init=<file>; with run= the run's saved config rebuilds "
-                              "the encoder: drop them")
+            raise ConfigError(
+                "model/stem options describe an init=<file>; with run= the run's saved config rebuilds "
+                "the encoder: drop them"
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -149,5 +176,11 @@ class VisualizeConfig(Group):
     out: str | None = key(Optional(Path(), "null for <run>/mask_predictions.png"), None)
 
 
-__all__ = ["ExportTimmConfig", "FinetuneConfig", "LinearProbeConfig", "PretrainConfig", "VisualizeConfig",
-           "check_run_or_init"]
+__all__ = [
+    "ExportTimmConfig",
+    "FinetuneConfig",
+    "LinearProbeConfig",
+    "PretrainConfig",
+    "VisualizeConfig",
+    "check_run_or_init",
+]

@@ -20,20 +20,32 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from sslvit.data import arrays as _arrays  # noqa: F401  (registers the arrays source)
-from sslvit.data import folder as _folder  # noqa: F401  (registers the folder source)
-from sslvit.data import tfds as _tfds  # noqa: F401  (registers the tfds source)
-from sslvit.data.config import (ASPECT_RATIO_RANGE, IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ON_CORRUPT,
-                                DataConfig, DatasetInfo, check_crop_scale)
+from sslvit.data import arrays as _arrays
+from sslvit.data import folder as _folder
+from sslvit.data import tfds as _tfds
 from sslvit.data.arrays import ArraysSource
+from sslvit.data.config import (
+    ASPECT_RATIO_RANGE,
+    IMAGE_EXTENSIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ON_CORRUPT,
+    DataConfig,
+    DatasetInfo,
+    check_crop_scale,
+)
 from sslvit.data.folder import FolderSource
 from sslvit.data.sources import SOURCES, Source, create_source, dataset_info
 from sslvit.data.tfds import TfdsSource, network_problem
 
 # TensorFlow-backed names, loaded on first use (PEP 562): `sslvit.data.TrainIterator` imports tf.data then.
 _LAZY = {
-    "TrainIterator": "iterators", "EvalIterator": "iterators", "augment_batch": "transforms",
-    "augment_example": "transforms", "center_crop_resize": "transforms", "rrc_windows": "transforms",
+    "TrainIterator": "iterators",
+    "EvalIterator": "iterators",
+    "augment_batch": "transforms",
+    "augment_example": "transforms",
+    "center_crop_resize": "transforms",
+    "rrc_windows": "transforms",
 }
 
 
@@ -61,8 +73,28 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "ASPECT_RATIO_RANGE", "ArraysSource", "DataConfig", "DatasetInfo", "EvalIterator", "FolderSource",
-    "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "ON_CORRUPT", "SOURCES", "Source", "TfdsSource", "TrainIterator", "augment_batch",
-    "augment_example", "center_crop_resize", "check_crop_scale", "create_source", "dataset_info",
-    "make_eval_iterator", "make_train_iterator", "network_problem", "rrc_windows",
+    "ASPECT_RATIO_RANGE",
+    "ArraysSource",
+    "DataConfig",
+    "DatasetInfo",
+    "EvalIterator",
+    "FolderSource",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_EXTENSIONS",
+    "ON_CORRUPT",
+    "SOURCES",
+    "Source",
+    "TfdsSource",
+    "TrainIterator",
+    "augment_batch",
+    "augment_example",
+    "center_crop_resize",
+    "check_crop_scale",
+    "create_source",
+    "dataset_info",
+    "make_eval_iterator",
+    "make_train_iterator",
+    "network_problem",
+    "rrc_windows",
 ]

@@ -17,8 +17,10 @@ import re
 import sys
 import tempfile
 
-_NOTICES = re.compile(r"All log messages before absl::InitializeLog|oneDNN custom operations are on|"
-                      r"cpu_feature_guard|To enable the following instructions|This TensorFlow binary is optimized")
+_NOTICES = re.compile(
+    r"All log messages before absl::InitializeLog|oneDNN custom operations are on|"
+    r"cpu_feature_guard|To enable the following instructions|This TensorFlow binary is optimized"
+)
 
 
 @contextlib.contextmanager
@@ -37,8 +39,11 @@ def quiet_native_stderr():
             os.dup2(saved, 2)
             os.close(saved)
             captured.seek(0)
-            kept = [line for line in captured.read().decode(errors="replace").splitlines()
-                    if line.strip() and not _NOTICES.search(line)]
+            kept = [
+                line
+                for line in captured.read().decode(errors="replace").splitlines()
+                if line.strip() and not _NOTICES.search(line)
+            ]
             if kept:
                 print("\n".join(kept), file=sys.stderr)
 

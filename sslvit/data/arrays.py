@@ -38,8 +38,10 @@ def parse_split(spec: str, key: str) -> tuple[str, slice]:
     """'train[:5000]' -> ('train', the slice as a function of the file's length is applied by `_bounds`)."""
     m = _SPLIT_RE.match(str(spec).strip())
     if not m:
-        raise ConfigError(f"{key}={spec!r} must be a file name under data.path without {SUFFIX}, optionally sliced: "
-                          f"'train', 'train[:5000]', 'test[50%:]'")
+        raise ConfigError(
+            f"{key}={spec!r} must be a file name under data.path without {SUFFIX}, optionally sliced: "
+            f"'train', 'train[:5000]', 'test[50%:]'"
+        )
     return m.group(1), (m.group(2), m.group(3))
 
 
@@ -62,8 +64,9 @@ def load_npz(path: Path, image_key: str = "image", label_key: str = "label") -> 
                 files = set(f.files)
                 for k, role in ((image_key, "image"), (label_key, "label")):
                     if k not in files:
-                        raise ConfigError(f"{path} has no array {k!r} (data.{role}_key); its arrays: "
-                                          f"{', '.join(sorted(files))}")
+                        raise ConfigError(
+                            f"{path} has no array {k!r} (data.{role}_key); its arrays: {', '.join(sorted(files))}"
+                        )
                 images, labels = f[image_key], f[label_key]
                 names = f["class_names"] if "class_names" in files else None
         except ConfigError:
@@ -75,8 +78,10 @@ def load_npz(path: Path, image_key: str = "image", label_key: str = "label") -> 
         if images.shape[-1] == 1:  # greyscale: as RGB, as the other sources decode it
             images = np.repeat(images, 3, axis=-1)
         if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
-            raise ConfigError(f"{path}: {label_key!r} must be integers (N,) with N = {len(images)} images, got "
-                              f"{labels.dtype} {labels.shape}")
+            raise ConfigError(
+                f"{path}: {label_key!r} must be integers (N,) with N = {len(images)} images, got "
+                f"{labels.dtype} {labels.shape}"
+            )
         if len(labels) and labels.min() < 0:
             raise ConfigError(f"{path}: {label_key!r} holds negative labels; classes are 0..C-1")
         out = {"image": np.ascontiguousarray(images), "label": labels.astype(np.int32)}
@@ -95,33 +100,49 @@ class ArraysSource(Source):
     def __init__(self, dc: DataConfig):
         super().__init__(dc)
         if dc.path is None:
-            raise ConfigError("data.path is not set; set data.path to a folder holding train.npz and test.npz "
-                              "(python -m sslvit.data.materialize <tfds name> <folder> writes them)")
+            raise ConfigError(
+                "data.path is not set; set data.path to a folder holding train.npz and test.npz "
+                "(python -m sslvit.data.materialize <tfds name> <folder> writes them)"
+            )
         self.root = Path(os.path.expanduser(dc.path))
         if not self.root.is_dir():
-            raise ConfigError(f"data.path={dc.path!r} does not exist or is not a directory; set it to a folder holding "
-                              f"train{SUFFIX} and test{SUFFIX}")
+            raise ConfigError(
+                f"data.path={dc.path!r} does not exist or is not a directory; set it to a folder holding "
+                f"train{SUFFIX} and test{SUFFIX}"
+            )
         train = self._file(dc.train_split, "data.train_split", required=True)
         self._files = {"train": train}
         names = train.get("class_names")
         num_classes = len(names) if names is not None else int(train["label"].max()) + 1
         check_num_classes(dc, num_classes)
-        self.class_names = tuple(str(c) for c in names) if names is not None else \
-            tuple(str(i) for i in range(num_classes))
+        self.class_names = (
+            tuple(str(c) for c in names) if names is not None else tuple(str(i) for i in range(num_classes))
+        )
         n_train = len(self._slice(dc.train_split, "data.train_split")["label"])
         test = self._file(dc.test_split, "data.test_split", required=False)
         n_test = len(self._slice(dc.test_split, "data.test_split")["label"]) if test is not None else 0
         shape = tuple(train["image"].shape[1:])
         if test is not None and tuple(test["image"].shape[1:]) != shape:
-            raise ConfigError(f"data.test_split={dc.test_split!r}: images of shape {test['image'].shape[1:]} but the "
-                              f"train split's are {shape}; write both splits at one size")
+            raise ConfigError(
+                f"data.test_split={dc.test_split!r}: images of shape {test['image'].shape[1:]} but the "
+                f"train split's are {shape}; write both splits at one size"
+            )
         if test is not None and len(test["label"]) and test["label"].max() >= num_classes:
-            raise ConfigError(f"data.test_split={dc.test_split!r} holds label {test['label'].max()} but the train "
-                              f"split has {num_classes} classes")
+            raise ConfigError(
+                f"data.test_split={dc.test_split!r} holds label {test['label'].max()} but the train "
+                f"split has {num_classes} classes"
+            )
         self.fixed_shape = shape
-        self.info = DatasetInfo(name=dc.name, num_classes=num_classes, num_train=n_train, num_test=n_test,
-                                class_names=self.class_names, image_shape=shape, train_split=dc.train_split,
-                                test_split=dc.test_split)
+        self.info = DatasetInfo(
+            name=dc.name,
+            num_classes=num_classes,
+            num_train=n_train,
+            num_test=n_test,
+            class_names=self.class_names,
+            image_shape=shape,
+            train_split=dc.train_split,
+            test_split=dc.test_split,
+        )
 
     def _file(self, spec: str, key: str, required: bool = True) -> dict[str, np.ndarray] | None:
         name, _ = parse_split(spec, key)
@@ -130,8 +151,11 @@ class ArraysSource(Source):
             if not required:
                 return None
             have = sorted(p.stem for p in self.root.glob(f"*{SUFFIX}"))
-            raise ConfigError(f"{key}={spec!r}: no file {path}" + (f" (splits here: {', '.join(have)})" if have else "")
-                              + "; python -m sslvit.data.materialize <tfds name> <folder> writes them")
+            raise ConfigError(
+                f"{key}={spec!r}: no file {path}"
+                + (f" (splits here: {', '.join(have)})" if have else "")
+                + "; python -m sslvit.data.materialize <tfds name> <folder> writes them"
+            )
         return load_npz(path, self.dc.image_key, self.dc.label_key)
 
     def _slice(self, spec: str, key: str = "split") -> dict[str, np.ndarray]:
@@ -179,8 +203,19 @@ class ArraysTrainIterator(Iterator[dict]):
     batch k is a function of (seed, k) (sslvit/data/ondevice.py): the same whether reached by k calls of `next` or
     made with start_step=k, and the same images the device path makes at step k of a 1-process run."""
 
-    def __init__(self, data: dict, *, batch_size: int, image_size: int, seed: int, start_step: int, augment: bool,
-                 crop_scale: Sequence[float], dc: DataConfig, process_index: int):
+    def __init__(
+        self,
+        data: dict,
+        *,
+        batch_size: int,
+        image_size: int,
+        seed: int,
+        start_step: int,
+        augment: bool,
+        crop_scale: Sequence[float],
+        dc: DataConfig,
+        process_index: int,
+    ):
         import jax  # noqa: PLC0415
 
         from sslvit.data import ondevice  # noqa: PLC0415
@@ -193,10 +228,12 @@ class ArraysTrainIterator(Iterator[dict]):
         self._key = ondevice.step_key
         if augment:
             fn = lambda x, key: ondevice.normalize(  # noqa: E731
-                ondevice.augment(x, key, image_size, crop_scale, dc.flip), dc.mean, dc.std)
+                ondevice.augment(x, key, image_size, crop_scale, dc.flip), dc.mean, dc.std
+            )
         else:
             fn = lambda x, key: ondevice.normalize(  # noqa: E731
-                ondevice.center_crop_resize(x, image_size, dc.eval_crop_pct), dc.mean, dc.std)
+                ondevice.center_crop_resize(x, image_size, dc.eval_crop_pct), dc.mean, dc.std
+            )
         self._fn = jax.jit(fn)
         self._cpu = jax.local_devices(backend="cpu")[0]  # host batches are made on the host: the accelerator stays free
 
@@ -216,11 +253,13 @@ class ArraysTrainIterator(Iterator[dict]):
             self._epoch = self.epoch
             self._order = epoch_order(self.seed, self._epoch, self.num_examples, self.pi)
         i = (self.step % self.steps_per_epoch) * self.batch_size
-        index = self._order[i:i + self.batch_size]
+        index = self._order[i : i + self.batch_size]
         images = self.data["image"][index]
         key = jax.device_put(self._key(self.seed, self.step), self._cpu)
-        batch = {"image": np.asarray(self._fn(jax.device_put(images, self._cpu), key)),
-                 "label": self.data["label"][index]}
+        batch = {
+            "image": np.asarray(self._fn(jax.device_put(images, self._cpu), key)),
+            "label": self.data["label"][index],
+        }
         self.step += 1
         return batch
 
@@ -257,8 +296,8 @@ class ArraysEvalIterator(Iterator[dict]):
             raise StopIteration
         lo = self._i * self.batch_size
         self._i += 1
-        images = self.data["image"][lo:lo + self.batch_size]
-        labels = self.data["label"][lo:lo + self.batch_size]
+        images = self.data["image"][lo : lo + self.batch_size]
+        labels = self.data["label"][lo : lo + self.batch_size]
         n = len(labels)
         images = self._resize(images) if self._resize is not None else images.astype(np.float32)
         images = images * self._scale + self._shift
@@ -270,9 +309,18 @@ class ArraysEvalIterator(Iterator[dict]):
         return {"image": images.astype(np.float32), "label": labels.astype(np.int32), "valid": valid}
 
 
-def make_train_iterator(cfg: Any, *, batch_size: int, image_size: int, seed: int, start_step: int = 0,
-                        augment: bool = True, crop_scale: Sequence[float] | None = None,
-                        process_index: int | None = None, process_count: int | None = None) -> ArraysTrainIterator:
+def make_train_iterator(
+    cfg: Any,
+    *,
+    batch_size: int,
+    image_size: int,
+    seed: int,
+    start_step: int = 0,
+    augment: bool = True,
+    crop_scale: Sequence[float] | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> ArraysTrainIterator:
     """The arrays source's training batches: as `sslvit.data.iterators.make_train_iterator`, without TensorFlow."""
     dc = DataConfig.from_cfg(cfg)
     batch_size = Integer(min=1)(batch_size, "batch_size")
@@ -285,14 +333,32 @@ def make_train_iterator(cfg: Any, *, batch_size: int, image_size: int, seed: int
     data = source.arrays(dc.train_split, pi, pc, True)
     n = len(data["label"])
     if n // batch_size == 0:
-        raise ConfigError(f"batch_size={batch_size} (per process) exceeds the {n} training examples of process {pi}'s "
-                          f"shard of data.train_split={dc.train_split!r}; lower the batch size or use a larger split")
-    return ArraysTrainIterator(data, batch_size=batch_size, image_size=image_size, seed=seed, start_step=start_step,
-                               augment=augment, crop_scale=scale, dc=dc, process_index=pi)
+        raise ConfigError(
+            f"batch_size={batch_size} (per process) exceeds the {n} training examples of process {pi}'s "
+            f"shard of data.train_split={dc.train_split!r}; lower the batch size or use a larger split"
+        )
+    return ArraysTrainIterator(
+        data,
+        batch_size=batch_size,
+        image_size=image_size,
+        seed=seed,
+        start_step=start_step,
+        augment=augment,
+        crop_scale=scale,
+        dc=dc,
+        process_index=pi,
+    )
 
 
-def make_eval_iterator(cfg: Any, split: str | None = None, *, batch_size: int, image_size: int,
-                       process_index: int | None = None, process_count: int | None = None) -> ArraysEvalIterator:
+def make_eval_iterator(
+    cfg: Any,
+    split: str | None = None,
+    *,
+    batch_size: int,
+    image_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> ArraysEvalIterator:
     """One pass over this process's shard of `split` (default data.test_split): as
     `sslvit.data.iterators.make_eval_iterator`, without TensorFlow."""
     dc = DataConfig.from_cfg(cfg)
@@ -305,23 +371,44 @@ def make_eval_iterator(cfg: Any, split: str | None = None, *, batch_size: int, i
     source = create_source(dc)
     sizes = [source.split_size(split, i, pc, False) for i in range(pc)]
     data = source.arrays(split, pi, pc, False)
-    return ArraysEvalIterator(data, batch_size=batch_size, image_size=image_size,
-                              num_batches=-(-max(sizes) // batch_size), dc=dc)
+    return ArraysEvalIterator(
+        data, batch_size=batch_size, image_size=image_size, num_batches=-(-max(sizes) // batch_size), dc=dc
+    )
 
 
-def device_data(dc: DataConfig, *, batch_size: int, image_size: int, crop_scale: Sequence[float], seed: int,
-                with_labels: bool):
+def device_data(
+    dc: DataConfig, *, batch_size: int, image_size: int, crop_scale: Sequence[float], seed: int, with_labels: bool
+):
     """The training split for the device path (sslvit/data/ondevice.py): every process holds all of it."""
     from sslvit.data.ondevice import DeviceData  # noqa: PLC0415
 
     data = create_source(dc).arrays(dc.train_split)
     if len(data["label"]) < batch_size:
-        raise ConfigError(f"batch_size={batch_size} exceeds the {len(data['label'])} examples of "
-                          f"data.train_split={dc.train_split!r}; lower the batch size or use a larger split")
-    return DeviceData(data["image"], data["label"], batch_size=batch_size, image_size=image_size,
-                      crop_scale=crop_scale, flip=dc.flip, mean=dc.mean, std=dc.std, seed=seed,
-                      with_labels=with_labels)
+        raise ConfigError(
+            f"batch_size={batch_size} exceeds the {len(data['label'])} examples of "
+            f"data.train_split={dc.train_split!r}; lower the batch size or use a larger split"
+        )
+    return DeviceData(
+        data["image"],
+        data["label"],
+        batch_size=batch_size,
+        image_size=image_size,
+        crop_scale=crop_scale,
+        flip=dc.flip,
+        mean=dc.mean,
+        std=dc.std,
+        seed=seed,
+        with_labels=with_labels,
+    )
 
 
-__all__ = ["ArraysEvalIterator", "ArraysSource", "ArraysTrainIterator", "device_data", "load_npz",
-           "make_eval_iterator", "make_train_iterator", "parse_split"]
+__all__ = [
+    "ArraysEvalIterator",
+    "ArraysSource",
+    "ArraysTrainIterator",
+    "device_data",
+    "load_npz",
+    "make_eval_iterator",
+    "make_train_iterator",
+    "parse_split",
+]

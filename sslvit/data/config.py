@@ -45,9 +45,11 @@ def check_classes(info: "DatasetInfo", what: str) -> None:
     """A classifier is measured on two classes at least: with one, every prediction is right (top-1 = 100%)."""
     if info.num_classes < 2:
         names = f" ({', '.join(info.class_names)})" if info.class_names else ""
-        raise ConfigError(f"{info.name} has {info.num_classes} class{names}: {what} needs at least 2 (top-1 over one "
-                          f"class is always 100%); use a dataset with more classes (a folder dataset: one sub-directory "
-                          f"per class under its train split)")
+        raise ConfigError(
+            f"{info.name} has {info.num_classes} class{names}: {what} needs at least 2 (top-1 over one "
+            f"class is always 100%); use a dataset with more classes (a folder dataset: one sub-directory "
+            f"per class under its train split)"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,5 +75,17 @@ class DatasetInfo:
         return (self.num_train // process_count) // batch_size
 
 
-__all__ = ["ASPECT_RATIO_RANGE", "DataConfig", "DatasetInfo", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS",
-           "ON_CORRUPT", "check_classes", "check_crop_scale", "check_num_classes", "one_line", "processes"]
+__all__ = [
+    "ASPECT_RATIO_RANGE",
+    "DataConfig",
+    "DatasetInfo",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_EXTENSIONS",
+    "ON_CORRUPT",
+    "check_classes",
+    "check_crop_scale",
+    "check_num_classes",
+    "one_line",
+    "processes",
+]

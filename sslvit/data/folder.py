@@ -167,9 +167,7 @@ class FolderSource(Source):
             )
         self.class_names = tuple(sorted(p.name for p in top.iterdir() if p.is_dir() and not p.name.startswith(".")))
         if not self.class_names:
-            raise ConfigError(
-                f"'{top}' holds no class directories; put each class's images in {top}/<class_name>/"
-            )
+            raise ConfigError(f"'{top}' holds no class directories; put each class's images in {top}/<class_name>/")
         check_num_classes(dc, len(self.class_names))
         self._splits: dict[str, _FolderSplit] = {}
         train = self._split(dc.train_split, "data.train_split")
@@ -179,7 +177,9 @@ class FolderSource(Source):
         skipped = train.skipped + (test.skipped if test is not None else ())
         if skipped:
             log.warning(
-                "data.on_corrupt=skip: left out %d corrupt image(s) under %s, e.g. %s", len(skipped), dc.path,
+                "data.on_corrupt=skip: left out %d corrupt image(s) under %s, e.g. %s",
+                len(skipped),
+                dc.path,
                 ", ".join(skipped[:3]),
             )
         self.info = DatasetInfo(
@@ -255,8 +255,13 @@ class FolderSource(Source):
                 keep[bad] = False
                 if not keep.any():
                     raise ConfigError(f"every image in '{split_dir}' is corrupt, e.g. '{first}'")
-        log.info("folder split %s: %d images listed in %.1fs%s", split_dir, len(listing), listed,
-                 f", checked in {time.perf_counter() - t0 - listed:.1f}s" if dc.verify_images else "")
+        log.info(
+            "folder split %s: %d images listed in %.1fs%s",
+            split_dir,
+            len(listing),
+            listed,
+            f", checked in {time.perf_counter() - t0 - listed:.1f}s" if dc.verify_images else "",
+        )
         paths, labels = paths[keep], listing.labels[keep]
         order = np.random.default_rng(0).permutation(len(paths))  # fixed: the canonical order of the split
         split = _FolderSplit(paths[order], labels[order], skipped)
@@ -275,8 +280,13 @@ class FolderSource(Source):
         own = np.arange(pi, n, pc)  # every pc-th file, whatever this process's manifest says: same work split on all
         todo = own[~known[own]]
         if len(todo):
-            log.info("checking %d of %d images of %s (the others are in the verification manifest)%s", len(todo), n,
-                     self.root / name, f", process {pi} of {pc}" if pc > 1 else "")
+            log.info(
+                "checking %d of %d images of %s (the others are in the verification manifest)%s",
+                len(todo),
+                n,
+                self.root / name,
+                f", process {pi} of {pc}" if pc > 1 else "",
+            )
         found = _verify_files(paths[todo])
         problems = {i: p for i, p in recorded.items() if i % pc == pi}
         problems.update({int(todo[j]): p for j, p in found.items()})
@@ -284,8 +294,9 @@ class FolderSource(Source):
         if pc > 1:
             bad, checked = _share_verdicts(n, zlib.crc32(blob), problems, checked, self.root / name)
             for i in bad - problems.keys():  # found by another process: the reason recorded, or read again (a few)
-                problems[i] = (recorded.get(i) or _image_problem(os.fsdecode(paths[i]))
-                               or "failed the check on another process")
+                problems[i] = (
+                    recorded.get(i) or _image_problem(os.fsdecode(paths[i])) or "failed the check on another process"
+                )
         if pi == 0 and not exact:
             manifest.save(dirs, name, manifest.Manifest.of(listing, problems))
         return problems
@@ -318,8 +329,9 @@ class FolderSource(Source):
 
         paths, labels = self._shard(split, index, count, drop_remainder, order_seed)
         ds = tf.data.Dataset.from_tensor_slices({"image": paths, "label": labels})
-        ds = ds.map(lambda ex: {"image": tf.io.read_file(ex["image"]), "label": ex["label"]},
-                    num_parallel_calls=AUTOTUNE)
+        ds = ds.map(
+            lambda ex: {"image": tf.io.read_file(ex["image"]), "label": ex["label"]}, num_parallel_calls=AUTOTUNE
+        )
         return ds, order_seed is not None
 
 
@@ -341,8 +353,10 @@ def _share_verdicts(n: int, crc: int, problems: dict[int, str], checked: int, wh
 
     heads = np.asarray(multihost_utils.process_allgather(np.asarray([n, crc, checked], np.int64)))
     if not (heads[:, :2] == heads[0, :2]).all():
-        raise ConfigError(f"the processes of this run list different files in '{where}' ({heads[:, 0].tolist()} "
-                          "images): data.path must be one file system shared by every host, unchanged while it runs")
+        raise ConfigError(
+            f"the processes of this run list different files in '{where}' ({heads[:, 0].tolist()} "
+            "images): data.path must be one file system shared by every host, unchanged while it runs"
+        )
     flags = np.zeros(n, np.int8)
     flags[list(problems)] = 1
     every = np.asarray(multihost_utils.process_allgather(flags)).reshape(-1, n)

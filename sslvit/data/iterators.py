@@ -21,7 +21,6 @@ from sslvit.data.sources import create_source
 from sslvit.data.transforms import augment_batch, augment_example, center_crop_resize, normalize, options
 from sslvit.errors import ConfigError
 
-
 # An image that fails to decode is searched for among the files of the failing batch and of the next few (the
 # pipeline decodes ahead of what it yields).
 LOOKAHEAD_BATCHES = 8
@@ -36,10 +35,14 @@ def undecodable(candidates: Sequence[str] | None, error: Exception, dc: DataConf
         except (tf.errors.OpError, ValueError) as e:
             why = one_line(getattr(e, "message", e), 120)
             if dc.verify_images:  # it changed after the check, or PIL accepts what TensorFlow does not
-                return ConfigError(f"image '{path}' cannot be decoded ({why}) though it passed the start-up check; fix "
-                                   "or delete it (a new start checks a changed file again)")
-            return ConfigError(f"image '{path}' cannot be decoded ({why}); fix or delete it, or set "
-                               "data.verify_images=true data.on_corrupt=skip to leave such files out")
+                return ConfigError(
+                    f"image '{path}' cannot be decoded ({why}) though it passed the start-up check; fix "
+                    "or delete it (a new start checks a changed file again)"
+                )
+            return ConfigError(
+                f"image '{path}' cannot be decoded ({why}); fix or delete it, or set "
+                "data.verify_images=true data.on_corrupt=skip to leave such files out"
+            )
     return error
 
 
@@ -55,8 +58,14 @@ class TrainIterator(Iterator[dict]):
     `step` is the index of the next batch; batch k is the same whether reached by k calls of `next` or by
     `make_train_iterator(..., start_step=k)`."""
 
-    def __init__(self, epoch_dataset: Callable[[int, int], tf.data.Dataset], steps_per_epoch: int, start_step: int,
-                 num_examples: int, explain: Callable[[int, int, Exception], Exception] | None = None):
+    def __init__(
+        self,
+        epoch_dataset: Callable[[int, int], tf.data.Dataset],
+        steps_per_epoch: int,
+        start_step: int,
+        num_examples: int,
+        explain: Callable[[int, int, Exception], Exception] | None = None,
+    ):
         self._epoch_dataset = epoch_dataset
         self._explain = explain  # (epoch, step in epoch, pipeline error) -> the error to raise (naming a bad file)
         self.steps_per_epoch = steps_per_epoch
@@ -97,8 +106,13 @@ class EvalIterator(Iterator[dict]):
 
     `len()` is the number of batches, the same on every process."""
 
-    def __init__(self, ds: tf.data.Dataset, num_batches: int, num_examples: int,
-                 explain: Callable[[int, Exception], Exception] | None = None):
+    def __init__(
+        self,
+        ds: tf.data.Dataset,
+        num_batches: int,
+        num_examples: int,
+        explain: Callable[[int, Exception], Exception] | None = None,
+    ):
         self._it = ds.as_numpy_iterator()
         self.num_batches = num_batches
         self.num_examples = num_examples  # real examples on this process
@@ -201,7 +215,7 @@ def make_train_iterator(
             files = source.files(dc.train_split, pi, pc, True, None)
             return undecodable(files and files[: (offset + 1) * batch_size + buffer], error, dc)
         files = source.files(dc.train_split, pi, pc, True, _epoch_seeds(seed, epoch, pi)[1])
-        return undecodable(files and files[offset * batch_size: (offset + LOOKAHEAD_BATCHES) * batch_size], error, dc)
+        return undecodable(files and files[offset * batch_size : (offset + LOOKAHEAD_BATCHES) * batch_size], error, dc)
 
     return TrainIterator(epoch_dataset, steps_per_epoch, start_step, n, explain)
 
@@ -255,7 +269,6 @@ def make_eval_iterator(
 
     def explain(index: int, error: Exception) -> Exception:
         files = source.files(split, pi, pc, False, None)
-        return undecodable(files and files[index * batch_size: (index + LOOKAHEAD_BATCHES) * batch_size], error, dc)
+        return undecodable(files and files[index * batch_size : (index + LOOKAHEAD_BATCHES) * batch_size], error, dc)
 
     return EvalIterator(ds, num_batches, n, explain)
-

@@ -109,9 +109,13 @@ def load(dirs: list[Path], split: str) -> Manifest | None:
                     continue
                 bad = z["bad_index"].astype(np.int64)
                 reasons = z["bad_reason"].tobytes().split(SEP) if len(bad) else []
-                return Manifest(z["paths"].tobytes(), z["size"].astype(np.int64), z["mtime"].astype(np.int64),
-                                {int(i): r.decode(errors="replace") for i, r in zip(bad, reasons)})
-        except Exception as e:  # noqa: BLE001 - a damaged manifest only costs a new check
+                return Manifest(
+                    z["paths"].tobytes(),
+                    z["size"].astype(np.int64),
+                    z["mtime"].astype(np.int64),
+                    {int(i): r.decode(errors="replace") for i, r in zip(bad, reasons)},
+                )
+        except Exception as e:
             log.warning("ignoring the unreadable verification manifest %s (%s)", path, e)
     return None
 
@@ -121,9 +125,13 @@ def save(dirs: list[Path], split: str, manifest: Manifest) -> Path | None:
     next start checks the images again, which is slow but correct)."""
     bad = sorted(manifest.problems)
     arrays = dict(
-        version=np.asarray(VERSION), paths=np.frombuffer(manifest.blob, np.uint8), size=manifest.size,
-        mtime=manifest.mtime, bad_index=np.asarray(bad, np.int64),
-        bad_reason=np.frombuffer(SEP.join(manifest.problems[i].encode() for i in bad), np.uint8))
+        version=np.asarray(VERSION),
+        paths=np.frombuffer(manifest.blob, np.uint8),
+        size=manifest.size,
+        mtime=manifest.mtime,
+        bad_index=np.asarray(bad, np.int64),
+        bad_reason=np.frombuffer(SEP.join(manifest.problems[i].encode() for i in bad), np.uint8),
+    )
     errors = []
     for d in dirs:
         path = d / filename(split)
@@ -140,8 +148,12 @@ def save(dirs: list[Path], split: str, manifest: Manifest) -> Path | None:
                 tmp.unlink(missing_ok=True)
             except OSError:
                 pass
-    log.warning("could not write the verification manifest of split %r (%s): the next start checks its images again; "
-                "set data.manifest_dir to a writable directory", split, "; ".join(errors))
+    log.warning(
+        "could not write the verification manifest of split %r (%s): the next start checks its images again; "
+        "set data.manifest_dir to a writable directory",
+        split,
+        "; ".join(errors),
+    )
     return None
 
 

@@ -22,8 +22,15 @@ import numpy as np
 from sslvit.errors import ConfigError
 
 
-def materialize(name: str, out_dir: str | Path, splits=("train", "test"), *, data_dir: str | None = None,
-                image_size: int | None = None, batch_size: int = 1024) -> dict[str, Path]:
+def materialize(
+    name: str,
+    out_dir: str | Path,
+    splits=("train", "test"),
+    *,
+    data_dir: str | None = None,
+    image_size: int | None = None,
+    batch_size: int = 1024,
+) -> dict[str, Path]:
     """Write each split (`spec` or `spec=file name`) of tfds dataset `name` to `<out_dir>/<file name>.npz`."""
     from sslvit.data._tf import tf  # noqa: PLC0415
     from sslvit.data.arrays import SUFFIX, parse_split  # noqa: PLC0415
@@ -61,8 +68,10 @@ def materialize(name: str, out_dir: str | Path, splits=("train", "test"), *, dat
         with open(tmp, "wb") as f:  # written aside, then renamed: a reader never sees half a file
             np.savez(f, image=x, label=y, class_names=np.asarray(source.info.class_names))
         tmp.replace(path)
-        print(f"{name} {spec}: {len(y)} images {x.shape[1:]} -> {path} ({path.stat().st_size / 2**20:.1f} MiB, "
-              f"{time.perf_counter() - t0:.1f} s)")
+        print(
+            f"{name} {spec}: {len(y)} images {x.shape[1:]} -> {path} ({path.stat().st_size / 2**20:.1f} MiB, "
+            f"{time.perf_counter() - t0:.1f} s)"
+        )
         written[file_name] = path
     return written
 
@@ -71,8 +80,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name", help="a tfds dataset name, e.g. cifar10")
     ap.add_argument("out_dir")
-    ap.add_argument("--splits", nargs="+", default=["train", "test"], metavar="SPEC[=FILE]",
-                    help="tfds split specs, each optionally named: 'train[:2048]=train' (default: train test)")
+    ap.add_argument(
+        "--splits",
+        nargs="+",
+        default=["train", "test"],
+        metavar="SPEC[=FILE]",
+        help="tfds split specs, each optionally named: 'train[:2048]=train' (default: train test)",
+    )
     ap.add_argument("--data-dir", default=None, help="the tfds data dir (default $TFDS_DATA_DIR)")
     ap.add_argument("--image-size", type=int, default=None, help="store centre crops of S x S")
     args = ap.parse_args(argv)

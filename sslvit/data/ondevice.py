@@ -47,8 +47,15 @@ def step_key(seed: int, step: int) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------------------------ transforms
-def rrc_windows(key: jax.Array, batch: int, height: int, width: int, scale: Sequence[float],
-                ratio: Sequence[float] = ASPECT_RATIO_RANGE, attempts: int = 10):
+def rrc_windows(
+    key: jax.Array,
+    batch: int,
+    height: int,
+    width: int,
+    scale: Sequence[float],
+    ratio: Sequence[float] = ASPECT_RATIO_RANGE,
+    attempts: int = 10,
+):
     """Random-resized-crop windows, torchvision's algorithm vectorised over a batch (as the tf.data path's
     `rrc_windows`): up to `attempts` draws of (area fraction ~ U(scale), log aspect ~ U(log ratio)), the first that
     fits wins, else the largest central crop with its aspect clipped into `ratio`. Float32 (y, x, h, w), each (B,),
@@ -86,7 +93,7 @@ def resample_matrix(start: jax.Array, length: jax.Array, out_size: int, in_size:
     frac = src - lo
     hi = jnp.minimum(lo + 1, in_size - 1)
     grid = jnp.arange(in_size, dtype=jnp.float32)
-    return ((grid == lo[..., None]) * (1.0 - frac[..., None]) + (grid == hi[..., None]) * frac[..., None])
+    return (grid == lo[..., None]) * (1.0 - frac[..., None]) + (grid == hi[..., None]) * frac[..., None]
 
 
 def crop_resize(images: jax.Array, y, x, h, w, image_size: int, flip=None) -> jax.Array:
@@ -123,7 +130,7 @@ def center_crop_resize(images: jax.Array, image_size: int, crop_pct: float = 1.0
     new_h, new_w = max(round(height * factor), image_size), max(round(width * factor), image_size)
     images = jax.image.resize(images, (b, new_h, new_w, c), method="bilinear", antialias=True)
     top, left = (new_h - image_size) // 2, (new_w - image_size) // 2
-    return images[:, top:top + image_size, left:left + image_size]
+    return images[:, top : top + image_size, left : left + image_size]
 
 
 def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
@@ -140,9 +147,20 @@ class DeviceData:
     {'index': int32 (B,), ...its other keys (masks)} and, through `wrap_loss`, its loss sees {'image': float32
     (B, S, S, C) normalised, 'label': int32 (B,) if `labels`, ...}."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, *, batch_size: int, image_size: int,
-                 crop_scale: Sequence[float], flip: bool, mean: Sequence[float], std: Sequence[float], seed: int,
-                 with_labels: bool = True):
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        *,
+        batch_size: int,
+        image_size: int,
+        crop_scale: Sequence[float],
+        flip: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        seed: int,
+        with_labels: bool = True,
+    ):
         self.images, self.labels = images, labels
         self.batch_size, self.image_size = int(batch_size), int(image_size)
         self.crop_scale, self.flip = tuple(float(s) for s in crop_scale), bool(flip)
@@ -180,7 +198,7 @@ class DeviceData:
                 epoch = step // self.steps_per_epoch
                 order = epoch_order(self.seed, epoch, self.num_examples)
             i = (step % self.steps_per_epoch) * self.batch_size
-            yield {"index": order[i:i + self.batch_size][rows]}
+            yield {"index": order[i : i + self.batch_size][rows]}
             step += 1
 
     def transform(self, data: dict, batch: dict, key: jax.Array) -> dict:
@@ -205,5 +223,15 @@ class DeviceData:
         return loss
 
 
-__all__ = ["AUGMENT_STREAM", "DeviceData", "augment", "center_crop_resize", "crop_resize", "epoch_order",
-           "normalize", "resample_matrix", "rrc_windows", "step_key"]
+__all__ = [
+    "AUGMENT_STREAM",
+    "DeviceData",
+    "augment",
+    "center_crop_resize",
+    "crop_resize",
+    "epoch_order",
+    "normalize",
+    "resample_matrix",
+    "rrc_windows",
+    "step_key",
+]

@@ -43,8 +43,9 @@ class Source:
         `order_seed`)."""
         raise NotImplementedError
 
-    def files(self, split: str, index: int, count: int, drop_remainder: bool,
-              order_seed: int | None) -> list[str] | None:
+    def files(
+        self, split: str, index: int, count: int, drop_remainder: bool, order_seed: int | None
+    ) -> list[str] | None:
         """The file behind each example of `examples(...)` with the same arguments, in its order: how an image that
         fails to decode is named. None where examples are not files of their own (tfds records)."""
         return None

@@ -160,4 +160,3 @@ class TfdsSource(Source):
 
         # The file order is shuffled per epoch (order_seed), examples still need the shuffle buffer.
         return ds.map(parse, num_parallel_calls=AUTOTUNE), False
-

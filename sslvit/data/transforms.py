@@ -160,4 +160,3 @@ def options(threads: int | None = None) -> tf.data.Options:
         options.threading.private_threadpool_size = threads
         options.threading.max_intra_op_parallelism = 1
     return options
-

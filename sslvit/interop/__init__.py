@@ -50,7 +50,6 @@ What maps to what (torch Linear weights are (out, in), flax kernels (in, out); c
   drop path and dtype are run options, not weights.
 """
 
-
 from __future__ import annotations
 
 import json
@@ -62,14 +61,12 @@ import numpy as np
 
 from sslvit.errors import ConfigError
 from sslvit.interop.convert import IGNORED, UNMAPPABLE, canonical_keys, timm_to_variables, variables_to_timm
-from sslvit.interop.files import (SAFETENSORS_SUFFIX, TORCH_EXTRA, TORCH_SUFFIXES, load_state_dict,
-                                  save_safetensors)
+from sslvit.interop.files import SAFETENSORS_SUFFIX, TORCH_EXTRA, TORCH_SUFFIXES, load_state_dict, save_safetensors
 from sslvit.interop.resize import bicubic_matrix, resize_pos_embedding_timm
 from sslvit.interop.snippet import timm_kwargs, timm_snippet
 
 
-def load_init(path: str | os.PathLike, encoder: Optional[Mapping], *, image_size: Any = None,
-              antialias: bool = False):
+def load_init(path: str | os.PathLike, encoder: Optional[Mapping], *, image_size: Any = None, antialias: bool = False):
     """An external checkpoint (`init=<file>`) as the `TrainedEncoder` the fine-tune and probe stages start from.
 
     `encoder` (the `model` and `stem` groups: `{"model": ..., "stem": ...}`, sslvit/models/build.py) says which
@@ -79,8 +76,10 @@ def load_init(path: str | os.PathLike, encoder: Optional[Mapping], *, image_size
     from sslvit.pretrained import TrainedEncoder  # noqa: PLC0415
 
     if not encoder:
-        raise ConfigError("init=<file> needs the model and stem groups to describe the file's architecture: pass "
-                          "model=<preset> stem=<stem> (and model.* options)")
+        raise ConfigError(
+            "init=<file> needs the model and stem groups to describe the file's architecture: pass "
+            "model=<preset> stem=<stem> (and model.* options)"
+        )
     where = os.fspath(path)
     sd = canonical_keys(load_state_dict(path))
     head = sd.get("head.weight")
@@ -90,13 +89,19 @@ def load_init(path: str | os.PathLike, encoder: Optional[Mapping], *, image_size
         enc["model"]["image_size"] = image_size
     model = build_vit(enc, num_classes=num_classes)
     variables = timm_to_variables(sd, model, antialias=antialias, where=where)
-    return TrainedEncoder(run_dir=Path(where).absolute(), step=0, encoder=enc, params=variables["params"],
-                          batch_stats=variables.get("batch_stats", {}),
-                          meta={"stage": "import", "source": where, "encoder": enc, "num_classes": num_classes})
+    return TrainedEncoder(
+        run_dir=Path(where).absolute(),
+        step=0,
+        encoder=enc,
+        params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        meta={"stage": "import", "source": where, "encoder": enc, "num_classes": num_classes},
+    )
 
 
-def export_run(run: str | os.PathLike, out: Optional[str | os.PathLike] = None, step: Optional[int] = None,
-               head: bool = True) -> tuple[Path, dict, str]:
+def export_run(
+    run: str | os.PathLike, out: Optional[str | os.PathLike] = None, step: Optional[int] = None, head: bool = True
+) -> tuple[Path, dict, str]:
     """Write the encoder of a pretraining or fine-tuning run (its checkpoint at `step`, default the latest) to a
     timm `.safetensors` file; returns (path, timm_kwargs, snippet). `out` defaults to
     `<run>/timm_step<step>.safetensors`; a fine-tuned classifier's head is included unless `head=False`."""
@@ -114,15 +119,35 @@ def export_run(run: str | os.PathLike, out: Optional[str | os.PathLike] = None, 
     tensors = variables_to_timm({"params": params, "batch_stats": trained.batch_stats}, model)
     kwargs = timm_kwargs(model)
     target = Path(out) if out else trained.run_dir / f"timm_step{trained.step}{SAFETENSORS_SUFFIX}"
-    meta = {"format": "pt", "source": f"sslvit {trained.stage} run {trained.run_dir} step {trained.step}",
-            "sslvit_encoder": json.dumps(trained.encoder), "timm_kwargs": json.dumps(kwargs),
-            "block": f"ParallelThingsBlock(num_parallel={model.num_parallel_branches})"
-            if model.num_parallel_branches > 1 else "Block",
-            "stem": "hMLP_stem (DeiT layout)" if model.stem == "hmlp" else "PatchEmbed"}
+    meta = {
+        "format": "pt",
+        "source": f"sslvit {trained.stage} run {trained.run_dir} step {trained.step}",
+        "sslvit_encoder": json.dumps(trained.encoder),
+        "timm_kwargs": json.dumps(kwargs),
+        "block": f"ParallelThingsBlock(num_parallel={model.num_parallel_branches})"
+        if model.num_parallel_branches > 1
+        else "Block",
+        "stem": "hMLP_stem (DeiT layout)" if model.stem == "hmlp" else "PatchEmbed",
+    }
     path = save_safetensors(tensors, target, meta)
     return path, kwargs, timm_snippet(model, path)
 
 
-__all__ = ["IGNORED", "SAFETENSORS_SUFFIX", "TORCH_EXTRA", "TORCH_SUFFIXES", "UNMAPPABLE", "bicubic_matrix",
-           "canonical_keys", "export_run", "load_init", "load_state_dict", "resize_pos_embedding_timm",
-           "save_safetensors", "timm_kwargs", "timm_snippet", "timm_to_variables", "variables_to_timm"]
+__all__ = [
+    "IGNORED",
+    "SAFETENSORS_SUFFIX",
+    "TORCH_EXTRA",
+    "TORCH_SUFFIXES",
+    "UNMAPPABLE",
+    "bicubic_matrix",
+    "canonical_keys",
+    "export_run",
+    "load_init",
+    "load_state_dict",
+    "resize_pos_embedding_timm",
+    "save_safetensors",
+    "timm_kwargs",
+    "timm_snippet",
+    "timm_to_variables",
+    "variables_to_timm",
+]

@@ -30,16 +30,19 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
         try:
             sd = dict(load_file(str(p)))
-        except Exception as e:  # noqa: BLE001 - a damaged or non-numpy (bfloat16) file: say which
-            raise ConfigError(f"cannot read {p} as safetensors ({_first_line(e)}): write it with float32 "
-                              f"tensors") from None
+        except Exception as e:
+            raise ConfigError(
+                f"cannot read {p} as safetensors ({_first_line(e)}): write it with float32 tensors"
+            ) from None
     elif suffix in TORCH_SUFFIXES:
         sd = _load_torch(p)
     else:
-        raise ConfigError(f"init={os.fspath(path)!r}: unknown file type {suffix!r}; pass a .safetensors file or a "
-                          f"torch state dict ({', '.join(TORCH_SUFFIXES)})")
+        raise ConfigError(
+            f"init={os.fspath(path)!r}: unknown file type {suffix!r}; pass a .safetensors file or a "
+            f"torch state dict ({', '.join(TORCH_SUFFIXES)})"
+        )
     if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return {k: (v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v) for k, v in sd.items()}
 
 
@@ -47,8 +50,10 @@ def _load_torch(p: Path) -> dict[str, np.ndarray]:
     try:
         import torch  # noqa: PLC0415
     except ImportError:
-        raise ConfigError(f"reading {p.name} needs torch: {TORCH_EXTRA} (or save the state dict as .safetensors "
-                          f"with safetensors.torch.save_file)") from None
+        raise ConfigError(
+            f"reading {p.name} needs torch: {TORCH_EXTRA} (or save the state dict as .safetensors "
+            f"with safetensors.torch.save_file)"
+        ) from None
     # weights_only: no arbitrary code from the pickle. Training checkpoints (DeiT's, MAE's) also hold the run's
     # argparse.Namespace, a plain attribute bag: allowed.
     import argparse  # noqa: PLC0415
@@ -58,7 +63,7 @@ def _load_torch(p: Path) -> dict[str, np.ndarray]:
     try:
         with safe([argparse.Namespace]) if safe else contextlib.nullcontext():
             obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ConfigError(f"cannot read {p} with torch.load ({_first_line(e)})") from None
     for key in ("model", "state_dict", "model_state", "module"):  # training checkpoints wrap the weights
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
@@ -74,8 +79,9 @@ def _load_torch(p: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
-                     metadata: Optional[Mapping[str, str]] = None) -> Path:
+def save_safetensors(
+    tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: Optional[Mapping[str, str]] = None
+) -> Path:
     """Write `tensors` to a `.safetensors` file (atomically: a temporary file renamed when complete)."""
     from safetensors.numpy import save_file  # noqa: PLC0415
 
@@ -84,8 +90,11 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
         raise ConfigError(f"out={os.fspath(path)!r} must end in {SAFETENSORS_SUFFIX}")
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
-              metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+        str(tmp),
+        metadata={str(k): str(v) for k, v in (metadata or {}).items()},
+    )
     os.replace(tmp, p)
     return p
 

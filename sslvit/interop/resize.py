@@ -45,8 +45,13 @@ def bicubic_matrix(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
     return w
 
 
-def resize_pos_embedding_timm(posemb, new_grid: Sequence[int], old_grid: Optional[Sequence[int]] = None,
-                              num_extra_tokens: int = 0, antialias: bool = False) -> np.ndarray:
+def resize_pos_embedding_timm(
+    posemb,
+    new_grid: Sequence[int],
+    old_grid: Optional[Sequence[int]] = None,
+    num_extra_tokens: int = 0,
+    antialias: bool = False,
+) -> np.ndarray:
     """Position embeddings (1, extra + gh·gw, D) resized to `new_grid` exactly as timm does it (numpy).
 
     The same values as `timm.layers.resample_abs_pos_embed(posemb, new_grid, old_grid, num_extra_tokens,

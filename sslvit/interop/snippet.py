@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-
 from sslvit.interop.convert import _Arch
 from sslvit.models.stems import hmlp_factors
 
@@ -14,9 +13,18 @@ def timm_kwargs(model) -> dict:
     `embed_layer`, which `timm_snippet` adds: `ParallelThingsBlock` for P > 1, DeiT's hMLP stem for stem=hmlp)."""
     a = _Arch(model, export=True)
     h, w = a.grid[0] * a.p, a.grid[1] * a.p
-    kw = {"img_size": h if h == w else [h, w], "patch_size": a.p, "in_chans": a.C, "num_classes": a.classes,
-          "global_pool": "token" if model.pool == "cls" else "avg", "embed_dim": a.D, "depth": a.depth,
-          "num_heads": a.H, "mlp_ratio": _mlp_ratio(a.D, a.M), "qkv_bias": True}
+    kw = {
+        "img_size": h if h == w else [h, w],
+        "patch_size": a.p,
+        "in_chans": a.C,
+        "num_classes": a.classes,
+        "global_pool": "token" if model.pool == "cls" else "avg",
+        "embed_dim": a.D,
+        "depth": a.depth,
+        "num_heads": a.H,
+        "mlp_ratio": _mlp_ratio(a.D, a.M),
+        "qkv_bias": True,
+    }
     if model.pool != "cls":
         kw["fc_norm"] = False  # sslvit's mean pooling: final norm, then the mean
     if a.ls:
@@ -36,12 +44,18 @@ def timm_snippet(model, path: str | os.PathLike) -> str:
     a = _Arch(model, export=True)
     kw = timm_kwargs(model)
     args = [f"{k}={v!r}" for k, v in kw.items()]
-    imports = ["import torch", "from safetensors.torch import load_file",
-               "from timm.models.vision_transformer import VisionTransformer"]
+    imports = [
+        "import torch",
+        "from safetensors.torch import load_file",
+        "from timm.models.vision_transformer import VisionTransformer",
+    ]
     head = []
     if a.P > 1:
-        imports = ["from functools import partial", ""] + imports[:2] + [
-            "from timm.models.vision_transformer import ParallelThingsBlock, VisionTransformer"]
+        imports = (
+            ["from functools import partial", ""]
+            + imports[:2]
+            + ["from timm.models.vision_transformer import ParallelThingsBlock, VisionTransformer"]
+        )
         args.append(f"block_fn=partial(ParallelThingsBlock, num_parallel={a.P})")
     if a.stem == "hmlp":
         args.append("embed_layer=HMLPStem")
@@ -70,10 +84,12 @@ def timm_snippet(model, path: str | os.PathLike) -> str:
         ]
     lines = imports + head + ["", ""] + _wrap("model = VisionTransformer(", args, ")")
     size = kw["img_size"] if isinstance(kw["img_size"], list) else [kw["img_size"]] * 2
-    lines += [f"model.load_state_dict(load_file({os.fspath(path)!r}))",
-              "model.eval()  # inference: no dropout" + (", BatchNorm running statistics" if a.stem == "hmlp" else ""),
-              f"x = torch.randn(2, {a.C}, {size[0]}, {size[1]})  # NCHW",
-              f"out = model(x)  # {'logits' if a.classes else 'pooled features'}: (2, {a.classes or a.D})"]
+    lines += [
+        f"model.load_state_dict(load_file({os.fspath(path)!r}))",
+        "model.eval()  # inference: no dropout" + (", BatchNorm running statistics" if a.stem == "hmlp" else ""),
+        f"x = torch.randn(2, {a.C}, {size[0]}, {size[1]})  # NCHW",
+        f"out = model(x)  # {'logits' if a.classes else 'pooled features'}: (2, {a.classes or a.D})",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -13,14 +13,17 @@ from typing import Any, Mapping
 from sslvit.config.checks import Registered
 from sslvit.config.groups import ModelConfig
 from sslvit.errors import ConfigError
-from sslvit.models.stems import STEMS, STEM_GIVEN
+from sslvit.models.stems import STEM_GIVEN, STEMS
 
 ENCODER_GROUPS = ("model", "stem")
 
 
 def encoder_config(model: Any, stem: Any) -> dict:
     """The validated, plain description of an encoder from its `model` and `stem` config groups."""
-    return {"model": ModelConfig.parse(model).to_dict(), "stem": dict(Registered(STEMS, given=STEM_GIVEN)(stem, "stem"))}
+    return {
+        "model": ModelConfig.parse(model).to_dict(),
+        "stem": dict(Registered(STEMS, given=STEM_GIVEN)(stem, "stem")),
+    }
 
 
 def encoder_from_meta(meta: Mapping[str, Any]) -> dict | None:
@@ -41,8 +44,9 @@ def from_flat(flat: Mapping[str, Any]) -> dict:
     return {"model": model, "stem": {"name": flat.get("stem", "linear"), "norm": flat.get("stem_norm", "batch")}}
 
 
-def build_vit(encoder: Mapping[str, Any], *, num_classes: int = 0, use_mask_token: bool = False,
-              **model_overrides: Any):
+def build_vit(
+    encoder: Mapping[str, Any], *, num_classes: int = 0, use_mask_token: bool = False, **model_overrides: Any
+):
     """The ViT of an encoder description; `model_overrides` change model keys (e.g. image_size for fine-tuning at
     another resolution, drop_path)."""
     import jax.numpy as jnp  # noqa: PLC0415
@@ -56,5 +60,11 @@ def build_vit(encoder: Mapping[str, Any], *, num_classes: int = 0, use_mask_toke
     if dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.dtype={dtype!r} must be one of float32, bfloat16")
     stem = dict(encoder["stem"])
-    return ViT(num_classes=num_classes, use_mask_token=use_mask_token, stem=stem.get("name", "linear"),
-               stem_norm=stem.get("norm", "batch"), dtype=jnp.dtype(dtype), **model)
+    return ViT(
+        num_classes=num_classes,
+        use_mask_token=use_mask_token,
+        stem=stem.get("name", "linear"),
+        stem_norm=stem.get("norm", "batch"),
+        dtype=jnp.dtype(dtype),
+        **model,
+    )

@@ -18,5 +18,6 @@ class MaskedImageModel(nn.Module):
     def __call__(self, img, mask, train: bool = False):
         _, feats = self.encoder(img, train=train, mask=mask, return_features=True, collect_layers=False)
         tokens = feats["tokens"][:, 1:]  # patch tokens, after the encoder's final LayerNorm
-        return nn.Dense(self.num_outputs, kernel_init=nn.initializers.truncated_normal(0.02), dtype=jnp.float32,
-                        name="head")(tokens)
+        return nn.Dense(
+            self.num_outputs, kernel_init=nn.initializers.truncated_normal(0.02), dtype=jnp.float32, name="head"
+        )(tokens)

@@ -68,9 +68,11 @@ def resolve_attention(attention: str, dtype, head_dim: int) -> str:
     if attention == "auto":
         return "cudnn" if cudnn_attention_applies(dtype, head_dim) else "explicit"
     if attention == "cudnn" and not cudnn_attention_applies(dtype, head_dim):
-        raise ConfigError(f"model.attention=cudnn needs a CUDA GPU, model.dtype=bfloat16 and a head dim that is a "
-                          f"multiple of 8 up to 128 (here {jax.default_backend()}, {jnp.dtype(dtype).name}, head dim "
-                          f"{head_dim}): use model.attention=auto")
+        raise ConfigError(
+            f"model.attention=cudnn needs a CUDA GPU, model.dtype=bfloat16 and a head dim that is a "
+            f"multiple of 8 up to 128 (here {jax.default_backend()}, {jnp.dtype(dtype).name}, head dim "
+            f"{head_dim}): use model.attention=auto"
+        )
     return attention
 
 
@@ -99,8 +101,9 @@ def sincos_pos_embedding(grid_hw: tuple[int, int], dim: int) -> np.ndarray:
     return np.concatenate(out, axis=1)[None].astype(np.float32)
 
 
-def resize_pos_embedding(posemb, new_grid: Sequence[int], old_grid: Optional[Sequence[int]] = None,
-                         num_extra_tokens: int = 0):
+def resize_pos_embedding(
+    posemb, new_grid: Sequence[int], old_grid: Optional[Sequence[int]] = None, num_extra_tokens: int = 0
+):
     """Resize learned position embeddings (1, extra + gh*gw, D) to another grid: bicubic on the 2-D grid, the
     `num_extra_tokens` leading rows (class token and the like) kept as they are. So a model trained at one
     resolution loads at another (e.g. 224 -> 384, 32 -> 48)."""
@@ -123,5 +126,13 @@ def resize_pos_embedding(posemb, new_grid: Sequence[int], old_grid: Optional[Seq
     return jnp.concatenate([extra, grid.reshape(1, nh * nw, d).astype(posemb.dtype)], axis=1)
 
 
-__all__ = ["contract", "cudnn_attention_applies", "gelu", "multi_head_attention", "pair", "resize_pos_embedding",
-           "resolve_attention", "sincos_pos_embedding"]
+__all__ = [
+    "contract",
+    "cudnn_attention_applies",
+    "gelu",
+    "multi_head_attention",
+    "pair",
+    "resize_pos_embedding",
+    "resolve_attention",
+    "sincos_pos_embedding",
+]

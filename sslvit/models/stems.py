@@ -129,7 +129,12 @@ class HMLPStem(nn.Module):
             last = i == len(factors) - 1
             width = self.dim if last else self.dim // 4
             x = nn.Conv(
-                width, (k, k), strides=(k, k), padding="VALID", dtype=self.dtype, kernel_init=_kernel_init(),
+                width,
+                (k, k),
+                strides=(k, k),
+                padding="VALID",
+                dtype=self.dtype,
+                kernel_init=_kernel_init(),
                 name=f"conv{i}",
             )(x)
             x = _norm(self.norm, train, self.dtype, f"norm{i}")(x)
@@ -156,7 +161,9 @@ class ConvStem(nn.Module):
         check_norm(norm)
         n = conv_num_layers(patch_size)
         if dim % (2 ** (n - 1)):
-            raise ConfigError(f"dim={dim} must be divisible by {2 ** (n - 1)} for the conv stem with patch {patch_size}")
+            raise ConfigError(
+                f"dim={dim} must be divisible by {2 ** (n - 1)} for the conv stem with patch {patch_size}"
+            )
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -165,8 +172,13 @@ class ConvStem(nn.Module):
             last = i == n - 1
             width = self.dim // 2 ** (n - 1 - i)
             x = nn.Conv(
-                width, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                kernel_init=_kernel_init(), name=f"conv{i}",
+                width,
+                (3, 3),
+                strides=(2, 2),
+                padding=((1, 1), (1, 1)),
+                dtype=self.dtype,
+                kernel_init=_kernel_init(),
+                name=f"conv{i}",
             )(x)
             x = _norm(self.norm, train, self.dtype, f"norm{i}")(x)
             if not last:

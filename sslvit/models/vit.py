@@ -140,7 +140,8 @@ class ParallelAttention(nn.Module):
         out_bias = self.param("out_bias", nn.initializers.zeros, (P, D))
         gamma = (
             self.param("layer_scale", nn.initializers.constant(self.layer_scale_init), (P, D))
-            if self.layer_scale_init is not None else jnp.ones((P, D), jnp.float32)
+            if self.layer_scale_init is not None
+            else jnp.ones((P, D), jnp.float32)
         )
 
         # Fold each branch's LayerNorm affine into its qkv projection: one matmul for all branches.
@@ -197,7 +198,8 @@ class ParallelMLP(nn.Module):
         fc2_bias = self.param("fc2_bias", nn.initializers.zeros, (P, D))
         gamma = (
             self.param("layer_scale", nn.initializers.constant(self.layer_scale_init), (P, D))
-            if self.layer_scale_init is not None else jnp.ones((P, D), jnp.float32)
+            if self.layer_scale_init is not None
+            else jnp.ones((P, D), jnp.float32)
         )
 
         with jax.named_scope("fold"):
@@ -247,13 +249,27 @@ class ParallelLayer(nn.Module):
         # Dropout acts inside each branch (ParallelAttention/ParallelMLP), not on the summed update.
         # `rate`: this layer's drop-path rate under a per-layer schedule (the scan's input), else None.
         update = ParallelAttention(
-            self.dim, self.heads, self.dim_head, self.branches, self.drop_path, self.layer_scale_init,
-            dtype=self.dtype, dropout=self.dropout, attention=self.attention, name="attn",
+            self.dim,
+            self.heads,
+            self.dim_head,
+            self.branches,
+            self.drop_path,
+            self.layer_scale_init,
+            dtype=self.dtype,
+            dropout=self.dropout,
+            attention=self.attention,
+            name="attn",
         )(x, self.train, rate)
         x = x + update.astype(jnp.float32)
         update = ParallelMLP(
-            self.dim, self.mlp_dim, self.branches, self.dropout, self.drop_path, self.layer_scale_init,
-            dtype=self.dtype, name="mlp",
+            self.dim,
+            self.mlp_dim,
+            self.branches,
+            self.dropout,
+            self.drop_path,
+            self.layer_scale_init,
+            dtype=self.dtype,
+            name="mlp",
         )(x, self.train, rate)
         x = x + update.astype(jnp.float32)
         return x, (x if self.return_features else None)
@@ -332,18 +348,20 @@ class ViT(nn.Module):
         return gh * gw
 
     @nn.compact
-    def __call__(self, img, train: bool = False, mask=None, return_features: bool = False,
-                 collect_layers: bool = True):
+    def __call__(self, img, train: bool = False, mask=None, return_features: bool = False, collect_layers: bool = True):
         b = img.shape[0]
         dim_head = self.dim_head or self.dim // self.heads
         ih, iw = pair(self.image_size)
         if img.shape[1:] != (ih, iw, self.channels):
-            raise ConfigError(f"input images have shape {img.shape[1:]}, the model expects {(ih, iw, self.channels)} "
-                              f"(NHWC): resize the images or set image_size")
+            raise ConfigError(
+                f"input images have shape {img.shape[1:]}, the model expects {(ih, iw, self.channels)} "
+                f"(NHWC): resize the images or set image_size"
+            )
 
         stem_cls = get_stem(self.stem)
         x = stem_cls(self.dim, self.patch_size, self.channels, self.stem_norm, dtype=self.dtype, name="stem")(
-            img.astype(self.dtype), train=train)
+            img.astype(self.dtype), train=train
+        )
         x = x.reshape(b, -1, self.dim).astype(jnp.float32)
 
         if mask is not None:
@@ -379,9 +397,19 @@ class ViT(nn.Module):
             # memory of the CIFAR step 1515 MiB vs 413 as a loop), so remat=true compiles the loop.
             unroll=self.depth if self.unroll_layers and not self.remat else 1,
         )(
-            self.dim, self.heads, dim_head, self.mlp_dim, self.num_parallel_branches, self.dropout, self.drop_path,
-            self.layer_scale_init, self.dtype, train, return_features and collect_layers,
-            attention=self.attention, name="layers",
+            self.dim,
+            self.heads,
+            dim_head,
+            self.mlp_dim,
+            self.num_parallel_branches,
+            self.dropout,
+            self.drop_path,
+            self.layer_scale_init,
+            self.dtype,
+            train,
+            return_features and collect_layers,
+            attention=self.attention,
+            name="layers",
         )
         rates = None  # constant rate: a static attribute of every layer; a schedule: each layer's rate, scanned
         if train and self.drop_path > 0 and self.drop_path_schedule != "constant":

@@ -31,13 +31,19 @@ from sslvit.config.stages import LinearProbeConfig
 from sslvit.data.config import check_classes
 from sslvit.errors import ConfigError
 from sslvit.models import build_vit
+from sslvit.pooling import POOLINGS, get_pooling
 from sslvit.pretrained import load_batch_stats, load_encoder, load_into
-from sslvit.probe.classifiers import (init_params, make_optimizer, make_update, plan_windows, probe_accuracy,
-                                     train_linear_probes)
+from sslvit.probe.classifiers import (
+    init_params,
+    make_optimizer,
+    make_update,
+    plan_windows,
+    probe_accuracy,
+    train_linear_probes,
+)
 from sslvit.probe.features import extract_features, extract_to_disk, make_feature_fn, standardize
 from sslvit.probe.knn import knn_accuracy
 from sslvit.probe.store import Standardized, feature_stats
-from sslvit.pooling import POOLINGS, get_pooling
 from sslvit.stage import Stage, check_batch_size, to_dict
 from sslvit.train import batch_sharding, make_mesh, prefetch_to_device, replicated
 
@@ -63,18 +69,20 @@ def resolve_layers(spec: Any, depth: int) -> list[int]:
     except TypeError:
         items = None
     if not items or any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) for i in items):
-        raise ConfigError(f"layers={spec!r} must be a list of layer numbers in 1..{depth} (or -1 for the last), "
-                          f"or null for the default {default_layers(depth)}")
+        raise ConfigError(
+            f"layers={spec!r} must be a list of layer numbers in 1..{depth} (or -1 for the last), "
+            f"or null for the default {default_layers(depth)}"
+        )
     out = []
     for i in items:
         j = int(i) + depth + 1 if i < 0 else int(i)
         if not 1 <= j <= depth:
-            raise ConfigError(f"layers={list(items)} has {i}, outside 1..{depth} (the encoder has {depth} layers; "
-                              f"negative numbers count from the last)")
+            raise ConfigError(
+                f"layers={list(items)} has {i}, outside 1..{depth} (the encoder has {depth} layers; "
+                f"negative numbers count from the last)"
+            )
         out.append(j)
     return sorted(set(out))
-
-
 
 
 class LinearProbe(Stage):
@@ -127,8 +135,14 @@ class LinearProbe(Stage):
         c = self.config
         row_bytes = len(self.layers) * POOLINGS.get(self.pool).width * self.model.dim * 4
         if not c.probe.augment:  # the budget must hold a batch of features (a one-line error now, not after hours)
-            plan_windows(info.num_train, row_bytes, min(c.probe.batch_size, info.num_train), 1, self.seed,
-                         c.probe.memory_mb * 2**20)
+            plan_windows(
+                info.num_train,
+                row_bytes,
+                min(c.probe.batch_size, info.num_train),
+                1,
+                self.seed,
+                c.probe.memory_mb * 2**20,
+            )
         return info
 
     def execute(self) -> dict:
@@ -137,17 +151,27 @@ class LinearProbe(Stage):
         variables = jax.device_put(self.variables(), replicated(mesh))
         feature_fn = make_feature_fn(self.model, self.layers, self.pool)
         what = "random-init" if self.random_init else f"step {self.trained.step} of"
-        log.info("linear probe of %s %s: layers %s, pool %s, data %s (%d train / %d test)", what,
-                 self.trained.run_dir, self.layers, self.pool, info.name, info.num_train, info.num_test)
+        log.info(
+            "linear probe of %s %s: layers %s, pool %s, data %s (%d train / %d test)",
+            what,
+            self.trained.run_dir,
+            self.layers,
+            self.pool,
+            info.name,
+            info.num_train,
+            info.num_test,
+        )
 
         t0 = time.perf_counter()
         feature_dir = self.run_dir.path / "features"
         stores, labels = {}, {}
         for name, split in (("train", self.data_cfg.train_split), ("test", self.data_cfg.test_split)):
-            it = data_lib.make_eval_iterator(self.data_cfg, split, batch_size=self.local_batch_size,
-                                             image_size=self.image_size)
-            stores[name], labels[name] = extract_to_disk(feature_fn, variables, it, feature_dir / name, mesh=mesh,
-                                                         desc=f"features {name}", progress=c.progress)
+            it = data_lib.make_eval_iterator(
+                self.data_cfg, split, batch_size=self.local_batch_size, image_size=self.image_size
+            )
+            stores[name], labels[name] = extract_to_disk(
+                feature_fn, variables, it, feature_dir / name, mesh=mesh, desc=f"features {name}", progress=c.progress
+            )
         mean, std = feature_stats(stores["train"])
         xtr, xte = Standardized(stores["train"], mean, std), Standardized(stores["test"], mean, std)
         ytr, yte = labels["train"], labels["test"]
@@ -158,18 +182,23 @@ class LinearProbe(Stage):
         if c.probe.augment:
             params = self.train_augmented(variables, feature_fn, mean, std, mesh, xtr.num_layers, xtr.dim)
         else:
-            params = train_linear_probes(xtr, ytr, info.num_classes, c.probe, seed=self.seed, progress=c.progress,
-                                         memory_bytes=memory)
+            params = train_linear_probes(
+                xtr, ytr, info.num_classes, c.probe, seed=self.seed, progress=c.progress, memory_bytes=memory
+            )
         train_top1 = probe_accuracy(params, xtr, ytr)
         top1 = probe_accuracy(params, xte, yte)
         t_train = time.perf_counter() - t0
         t0 = time.perf_counter()
-        knn = knn_accuracy(xtr, ytr, xte, yte, info.num_classes, k=c.knn.k, temperature=c.knn.temperature,
-                           memory_bytes=memory)
+        knn = knn_accuracy(
+            xtr, ytr, xte, yte, info.num_classes, k=c.knn.k, temperature=c.knn.temperature, memory_bytes=memory
+        )
         t_knn = time.perf_counter() - t0
         feature_bytes = stores["train"].nbytes + stores["test"].nbytes
-        windows = len(plan_windows(xtr.num_rows, xtr.num_layers * xtr.dim * 4, min(c.probe.batch_size, xtr.num_rows),
-                                   1, self.seed, memory).windows[0])
+        windows = len(
+            plan_windows(
+                xtr.num_rows, xtr.num_layers * xtr.dim * 4, min(c.probe.batch_size, xtr.num_rows), 1, self.seed, memory
+            ).windows[0]
+        )
         if jax.process_count() > 1:  # every process is done reading the others' feature files
             from jax.experimental import multihost_utils  # noqa: PLC0415
 
@@ -179,20 +208,35 @@ class LinearProbe(Stage):
 
         best = int(np.argmax(top1))
         return {
-            "stage": "linear_probe", "run": str(self.trained.run_dir), "checkpoint_step": self.trained.step,
-            "random_init": self.random_init, "dataset": info.name, "num_classes": info.num_classes,
-            "num_train": xtr.num_rows, "num_test": xte.num_rows, "chance_top1": 1.0 / info.num_classes,
-            "pool": self.pool, "layers": self.layers, "feature_dim": xtr.dim,
+            "stage": "linear_probe",
+            "run": str(self.trained.run_dir),
+            "checkpoint_step": self.trained.step,
+            "random_init": self.random_init,
+            "dataset": info.name,
+            "num_classes": info.num_classes,
+            "num_train": xtr.num_rows,
+            "num_test": xte.num_rows,
+            "chance_top1": 1.0 / info.num_classes,
+            "pool": self.pool,
+            "layers": self.layers,
+            "feature_dim": xtr.dim,
             "top1": {str(l): float(a) for l, a in zip(self.layers, top1)},
             "train_top1": {str(l): float(a) for l, a in zip(self.layers, train_top1)},
             "knn_top1": {str(l): float(a) for l, a in zip(self.layers, knn)},
-            "best_layer": self.layers[best], "best_top1": float(top1[best]),
-            "best_knn_top1": float(knn.max()), "best_knn_layer": self.layers[int(np.argmax(knn))],
-            "knn_k": c.knn.k, "epochs": c.probe.epochs, "augment": c.probe.augment,
-            "feature_bytes": feature_bytes, "memory_mb": c.probe.memory_mb, "windows_per_epoch": windows,
+            "best_layer": self.layers[best],
+            "best_top1": float(top1[best]),
+            "best_knn_top1": float(knn.max()),
+            "best_knn_layer": self.layers[int(np.argmax(knn))],
+            "knn_k": c.knn.k,
+            "epochs": c.probe.epochs,
+            "augment": c.probe.augment,
+            "feature_bytes": feature_bytes,
+            "memory_mb": c.probe.memory_mb,
+            "windows_per_epoch": windows,
             **({"skipped_images": info.num_skipped} if info.num_skipped else {}),  # data.on_corrupt=skip
             "seconds": {"features": round(t_extract, 2), "train": round(t_train, 2), "knn": round(t_knn, 2)},
-            "encoder": self.encoder_cfg, "config": to_dict(self.raw_config),
+            "encoder": self.encoder_cfg,
+            "config": to_dict(self.raw_config),
         }
 
     def train_augmented(self, variables, feature_fn, mean, std, mesh, num_layers: int, dim: int) -> dict:
@@ -203,8 +247,13 @@ class LinearProbe(Stage):
 
         c = self.config
         rep = replicated(mesh)
-        it = data_lib.make_train_iterator(self.data_cfg, batch_size=c.probe.batch_size // jax.process_count(),
-                                          image_size=self.image_size, seed=self.seed, crop_scale=c.probe.crop_scale)
+        it = data_lib.make_train_iterator(
+            self.data_cfg,
+            batch_size=c.probe.batch_size // jax.process_count(),
+            image_size=self.image_size,
+            seed=self.seed,
+            crop_scale=c.probe.crop_scale,
+        )
         total = c.probe.epochs * it.steps_per_epoch
         tx = make_optimizer(c.probe, total, it.steps_per_epoch)
         update = make_update(tx)
@@ -219,8 +268,12 @@ class LinearProbe(Stage):
 
         step = jax.jit(step, donate_argnums=(0, 1), out_shardings=(rep, rep, rep))
         batches = prefetch_to_device(it, batch_sharding(mesh))
-        bar = tqdm(range(total), desc="linear probe (augmented)", dynamic_ncols=True,
-                   disable=not (c.progress and jax.process_index() == 0))
+        bar = tqdm(
+            range(total),
+            desc="linear probe (augmented)",
+            dynamic_ncols=True,
+            disable=not (c.progress and jax.process_index() == 0),
+        )
         for i in bar:
             params, opt_state, loss = step(params, opt_state, variables, next(batches))
             if (i + 1) % it.steps_per_epoch == 0:
@@ -233,12 +286,15 @@ def format_table(results: Mapping) -> str:
     rows = ["| layer | linear top-1 | k-NN top-1 |", "|---:|---:|---:|"]
     for layer in results["layers"]:
         mark = " *" if layer == results["best_layer"] else ""
-        rows.append(f"| {layer}{mark} | {100 * results['top1'][str(layer)]:.2f} | "
-                    f"{100 * results['knn_top1'][str(layer)]:.2f} |")
+        rows.append(
+            f"| {layer}{mark} | {100 * results['top1'][str(layer)]:.2f} | {100 * results['knn_top1'][str(layer)]:.2f} |"
+        )
     what = "random init" if results["random_init"] else f"step {results['checkpoint_step']}"
-    rows.append(f"best: layer {results['best_layer']} {100 * results['best_top1']:.2f}% linear, "
-                f"{100 * results['best_knn_top1']:.2f}% k-NN (k={results['knn_k']}); chance "
-                f"{100 * results['chance_top1']:.1f}% ({what}, pool {results['pool']}, {results['dataset']})")
+    rows.append(
+        f"best: layer {results['best_layer']} {100 * results['best_top1']:.2f}% linear, "
+        f"{100 * results['best_knn_top1']:.2f}% k-NN (k={results['knn_k']}); chance "
+        f"{100 * results['chance_top1']:.1f}% ({what}, pool {results['pool']}, {results['dataset']})"
+    )
     return "\n".join(rows)
 
 
@@ -246,6 +302,18 @@ def linear_probe(cfg: Mapping, out_dir: str | os.PathLike) -> dict:
     return LinearProbe(cfg, out_dir).run()
 
 
-__all__ = ["POOLINGS", "LinearProbe", "default_layers", "extract_features", "format_table", "get_pooling",
-           "knn_accuracy", "linear_probe", "make_feature_fn", "probe_accuracy", "resolve_layers", "standardize",
-           "train_linear_probes"]
+__all__ = [
+    "POOLINGS",
+    "LinearProbe",
+    "default_layers",
+    "extract_features",
+    "format_table",
+    "get_pooling",
+    "knn_accuracy",
+    "linear_probe",
+    "make_feature_fn",
+    "probe_accuracy",
+    "resolve_layers",
+    "standardize",
+    "train_linear_probes",
+]

@@ -29,14 +29,17 @@ CHUNK_ROWS = 4096  # rows read from the source at a time; the shuffling unit of 
 def make_optimizer(cfg: ProbeOptions, total_steps: int, steps_per_epoch: int) -> optax.GradientTransformation:
     """AdamW, linear warmup over `cfg.warmup_epochs`, cosine decay to 0 at `total_steps`; no decay of the biases."""
     warmup = min(cfg.warmup_epochs * steps_per_epoch, total_steps - 1)
-    schedule = optax.warmup_cosine_decay_schedule(cfg.lr / max(warmup, 1) if warmup else cfg.lr, cfg.lr, warmup,
-                                                  max(total_steps, warmup + 1), 0.0)
+    schedule = optax.warmup_cosine_decay_schedule(
+        cfg.lr / max(warmup, 1) if warmup else cfg.lr, cfg.lr, warmup, max(total_steps, warmup + 1), 0.0
+    )
     return optax.adamw(schedule, weight_decay=cfg.weight_decay, mask={"w": True, "b": False})
 
 
 def init_params(num_layers: int, dim: int, num_classes: int) -> dict:
-    return {"w": jnp.zeros((num_layers, dim, num_classes), jnp.float32),
-            "b": jnp.zeros((num_layers, num_classes), jnp.float32)}
+    return {
+        "w": jnp.zeros((num_layers, dim, num_classes), jnp.float32),
+        "b": jnp.zeros((num_layers, num_classes), jnp.float32),
+    }
 
 
 def make_update(tx: optax.GradientTransformation):
@@ -81,19 +84,29 @@ def plan_windows(n: int, row_bytes: int, batch_size: int, epochs: int, seed: int
     chunk = min(CHUNK_ROWS, window_rows)
     per_window = window_rows // chunk
     if per_window * chunk < batch_size:
-        raise ConfigError(f"probe.memory_mb={memory_bytes / 2**20:g} holds {window_rows} examples of "
-                          f"{row_bytes / 2**10:.1f} KiB of features, fewer than probe.batch_size={batch_size}: raise "
-                          f"probe.memory_mb to at least {int(np.ceil(2 * batch_size * row_bytes / 2**20))}")
+        raise ConfigError(
+            f"probe.memory_mb={memory_bytes / 2**20:g} holds {window_rows} examples of "
+            f"{row_bytes / 2**10:.1f} KiB of features, fewer than probe.batch_size={batch_size}: raise "
+            f"probe.memory_mb to at least {int(np.ceil(2 * batch_size * row_bytes / 2**20))}"
+        )
     ranges = list(chunks(n, chunk))
     windows = []
     for e in range(epochs):
         order = np.random.default_rng([seed, e]).permutation(len(ranges))
-        windows.append([[ranges[i] for i in order[j:j + per_window]] for j in range(0, len(order), per_window)])
+        windows.append([[ranges[i] for i in order[j : j + per_window]] for j in range(0, len(order), per_window)])
     return Plan(windows, per_window * chunk)
 
 
-def train_linear_probes(x, y: np.ndarray, num_classes: int, cfg: ProbeOptions, *, seed: int = 0,
-                        progress: bool = True, memory_bytes: int | None = None) -> dict:
+def train_linear_probes(
+    x,
+    y: np.ndarray,
+    num_classes: int,
+    cfg: ProbeOptions,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    memory_bytes: int | None = None,
+) -> dict:
     """One linear classifier per layer on features x (an array (L, n, F), or a feature source), labels y (n,); all
     trained together. `memory_bytes`: the host memory for features (None: all of them at once).
 
@@ -124,8 +137,9 @@ def train_linear_probes(x, y: np.ndarray, num_classes: int, cfg: ProbeOptions, *
     buffer = np.empty((n_layers, plan.window_rows, f), np.float32)
     resident = None
     key = jax.random.key(seed)
-    bar = tqdm(range(cfg.epochs), desc="linear probe", disable=not (progress and jax.process_index() == 0),
-               dynamic_ncols=True)
+    bar = tqdm(
+        range(cfg.epochs), desc="linear probe", disable=not (progress and jax.process_index() == 0), dynamic_ncols=True
+    )
     for e in bar:
         losses = []
         for j, ranges in enumerate(plan.windows[e]):
@@ -165,5 +179,13 @@ def probe_accuracy(params: Mapping, x, y: np.ndarray, chunk: int | None = None) 
     return correct / max(source.num_rows, 1)
 
 
-__all__ = ["CHUNK_ROWS", "Plan", "init_params", "make_optimizer", "make_update", "plan_windows", "probe_accuracy",
-           "train_linear_probes"]
+__all__ = [
+    "CHUNK_ROWS",
+    "Plan",
+    "init_params",
+    "make_optimizer",
+    "make_update",
+    "plan_windows",
+    "probe_accuracy",
+    "train_linear_probes",
+]

@@ -36,14 +36,16 @@ def make_feature_fn(model, layers: Sequence[int], pool: str):
 def feature_step(feature_fn, mesh):
     """The jitted step of an extraction pass: a sharded batch in, its features, labels, valid mask and tags out,
     replicated. Build it once for repeated passes (the online monitor): a new one compiles again."""
+
     def fn(v, batch):
         return feature_fn(v, batch["image"]), batch["label"], batch["valid"], batch["process"], batch["position"]
 
     return jax.jit(fn, out_shardings=(replicated(mesh),) * 5)
 
 
-def _batches(feature_fn, variables, iterator, *, mesh, desc: str, progress: bool, max_batches: int | None = None,
-             step=None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+def _batches(
+    feature_fn, variables, iterator, *, mesh, desc: str, progress: bool, max_batches: int | None = None, step=None
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """Per batch of an eval iterator ({'image', 'label', 'valid'}): (features (L, b, F), labels, process, position) of
     its valid rows, the rows of every process (replicated)."""
     from tqdm import tqdm  # noqa: PLC0415
@@ -55,8 +57,9 @@ def _batches(feature_fn, variables, iterator, *, mesh, desc: str, progress: bool
         total = max_batches if total is None else min(total, max_batches)
     pi = jax.process_index()
     seen = 0
-    for i, batch in enumerate(tqdm(iterator, total=total, desc=desc, disable=not (progress and pi == 0),
-                                   dynamic_ncols=True)):
+    for i, batch in enumerate(
+        tqdm(iterator, total=total, desc=desc, disable=not (progress and pi == 0), dynamic_ncols=True)
+    ):
         if max_batches is not None and i >= max_batches:
             break
         n = len(batch["label"])
@@ -67,8 +70,17 @@ def _batches(feature_fn, variables, iterator, *, mesh, desc: str, progress: bool
         yield np.asarray(f)[:, valid], np.asarray(y)[valid], np.asarray(proc)[valid], np.asarray(pos)[valid]
 
 
-def extract_features(feature_fn, variables, iterator, *, mesh, desc: str = "features", progress: bool = True,
-                     max_batches: int | None = None, step=None) -> tuple[np.ndarray, np.ndarray]:
+def extract_features(
+    feature_fn,
+    variables,
+    iterator,
+    *,
+    mesh,
+    desc: str = "features",
+    progress: bool = True,
+    max_batches: int | None = None,
+    step=None,
+) -> tuple[np.ndarray, np.ndarray]:
     """One pass of an eval iterator (or its first `max_batches` batches) -> (features (L, n, F) float32, labels (n,)),
     in memory. `step`: a `feature_step` of `feature_fn` to reuse.
 
@@ -78,8 +90,9 @@ def extract_features(feature_fn, variables, iterator, *, mesh, desc: str = "feat
     in that process's shard, and the rows are sorted by the tags (shards are contiguous ranges of the split, in
     process order). The probe's shuffles then draw the same examples as a 1-process run."""
     feats, labels, origin = [], [], []
-    for f, y, proc, pos in _batches(feature_fn, variables, iterator, mesh=mesh, desc=desc, progress=progress,
-                                    max_batches=max_batches, step=step):
+    for f, y, proc, pos in _batches(
+        feature_fn, variables, iterator, mesh=mesh, desc=desc, progress=progress, max_batches=max_batches, step=step
+    ):
         feats.append(f)
         labels.append(y)
         origin.append(np.stack([proc, pos]))
@@ -90,8 +103,9 @@ def extract_features(feature_fn, variables, iterator, *, mesh, desc: str = "feat
     return np.concatenate(feats, axis=1)[:, order], np.concatenate(labels).astype(np.int32)[order]
 
 
-def extract_to_disk(feature_fn, variables, iterator, directory: Path, *, mesh, desc: str = "features",
-                    progress: bool = True) -> tuple[DiskFeatures, np.ndarray]:
+def extract_to_disk(
+    feature_fn, variables, iterator, directory: Path, *, mesh, desc: str = "features", progress: bool = True
+) -> tuple[DiskFeatures, np.ndarray]:
     """One pass of an eval iterator -> (the features on disk under `directory`, labels (n,) in memory), in the split's
     order (see `extract_features`). Each process writes the rows of its own shard into its own file as they come, and
     waits for the others before reading theirs: in a multi-process run `directory` must be on a file system every

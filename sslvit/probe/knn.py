@@ -39,8 +39,18 @@ def _vote(top_sim, top_label, temperature, *, num_classes: int):
     return jnp.argmax(votes.sum(axis=-2), -1)
 
 
-def knn_accuracy(train_x, train_y: np.ndarray, test_x, test_y: np.ndarray, num_classes: int, *, k: int = 20,
-                 temperature: float = 0.07, chunk: int = 256, memory_bytes: int | None = None) -> np.ndarray:
+def knn_accuracy(
+    train_x,
+    train_y: np.ndarray,
+    test_x,
+    test_y: np.ndarray,
+    num_classes: int,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 256,
+    memory_bytes: int | None = None,
+) -> np.ndarray:
     """Weighted k-NN top-1 per layer (cosine similarity; votes exp(sim / T), as in DINO): (L,).
 
     `train_x`, `test_x`: arrays (L, n, F) or feature sources (sslvit/probe/store.py). Queries go `chunk` at a time
@@ -58,8 +68,10 @@ def knn_accuracy(train_x, train_y: np.ndarray, test_x, test_y: np.ndarray, num_c
         fill(q, queries, [(qa, qb)])
         pad = -(qb - qa) % chunk  # fixed query shape: one compile
         q = _unit(jnp.asarray(np.pad(q, ((0, 0), (0, pad), (0, 0))))).reshape(n_layers, -1, chunk, queries.dim)
-        top = [(jnp.full((n_layers, chunk, k), -jnp.inf, jnp.float32), jnp.zeros((n_layers, chunk, k), jnp.int32))
-               for _ in range(q.shape[1])]  # per query chunk: the running top-k similarities and their labels
+        top = [
+            (jnp.full((n_layers, chunk, k), -jnp.inf, jnp.float32), jnp.zeros((n_layers, chunk, k), jnp.int32))
+            for _ in range(q.shape[1])
+        ]  # per query chunk: the running top-k similarities and their labels
         for ba, bb in chunks(n_bank, step):
             rows = fill(bank_buf, bank, [(ba, bb)])
             bank_dev = jnp.array(bank_buf, copy=True)  # not a view of the buffer the next chunk is read into

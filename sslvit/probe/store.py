@@ -88,9 +88,11 @@ class DiskFeatures:
         for p, rows in enumerate(self.part_rows):
             size = self.part_path(p).stat().st_size if self.part_path(p).exists() else -1
             if size != rows * self.row_floats * 4:
-                raise RuntimeError(f"feature file {self.part_path(p)} holds {size} bytes, expected {rows} rows of "
-                                   f"{num_layers} x {dim} float32: it was written incompletely, or the processes of "
-                                   "this run do not share the run dir's file system")
+                raise RuntimeError(
+                    f"feature file {self.part_path(p)} holds {size} bytes, expected {rows} rows of "
+                    f"{num_layers} x {dim} float32: it was written incompletely, or the processes of "
+                    "this run do not share the run dir's file system"
+                )
 
     def part_path(self, p: int) -> Path:
         return self.directory / f"part-{p}.f32"
@@ -108,7 +110,7 @@ class DiskFeatures:
             take = min(stop, self._starts[p + 1]) - done
             with open(self.part_path(p), "rb") as f:
                 f.seek(int(local) * self.row_floats * 4)
-                f.readinto(memoryview(out[done - start: done - start + take].reshape(-1)).cast("B"))
+                f.readinto(memoryview(out[done - start : done - start + take].reshape(-1)).cast("B"))
             done += take
             p += 1
         return out.transpose(1, 0, 2)  # (L, k, F): a view; consumers copy it into their own buffers
@@ -147,7 +149,7 @@ def fill(buffer: np.ndarray, source: FeatureSource, ranges) -> int:
     step, rows = rows_per_read(source), 0
     for a, b in ranges:
         for c, d in chunks(b - a, step):
-            buffer[:, rows:rows + d - c] = source.read(a + c, a + d)
+            buffer[:, rows : rows + d - c] = source.read(a + c, a + d)
             rows += d - c
     return rows
 
@@ -172,5 +174,17 @@ def feature_stats(source: FeatureSource, eps: float = 1e-6) -> tuple[np.ndarray,
     return mean, np.sqrt(var + eps)
 
 
-__all__ = ["ArrayFeatures", "DiskFeatures", "FeatureSource", "FeatureWriter", "READ_BYTES", "STATS_ROWS",
-           "Standardized", "as_source", "chunks", "feature_stats", "fill", "rows_per_read"]
+__all__ = [
+    "ArrayFeatures",
+    "DiskFeatures",
+    "FeatureSource",
+    "FeatureWriter",
+    "READ_BYTES",
+    "STATS_ROWS",
+    "Standardized",
+    "as_source",
+    "chunks",
+    "feature_stats",
+    "fill",
+    "rows_per_read",
+]

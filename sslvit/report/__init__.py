@@ -20,8 +20,17 @@ from sslvit.errors import ConfigError
 from sslvit.paths import check_dir
 from sslvit.report.discovery import RESULTS_FILE, STAGES, Run, StageSpec, describe, find_runs, flatten, load_runs
 from sslvit.report.plots import plot_by_option, plot_loss_curves, plot_vs_mask_ratio
-from sslvit.report.tables import (Table, build_tables, differing_keys, format_value, mean_std, seed_summary,
-                                  to_markdown, write_csv)
+from sslvit.report.tables import (
+    Table,
+    build_tables,
+    differing_keys,
+    format_value,
+    mean_std,
+    seed_summary,
+    to_markdown,
+    write_csv,
+)
+
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
@@ -40,8 +49,10 @@ def make_report(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike) 
     (when seeds vary) and the PNG plots into `out_dir`."""
     runs = load_runs(paths)
     if not runs:
-        raise ConfigError(f"no run dirs under {', '.join(map(str, paths))}: a run dir holds {RESULTS_FILE} (written "
-                          f"when pretrain.py, linear_probe.py or finetune.py finishes); pass finished runs")
+        raise ConfigError(
+            f"no run dirs under {', '.join(map(str, paths))}: a run dir holds {RESULTS_FILE} (written "
+            f"when pretrain.py, linear_probe.py or finetune.py finishes); pass finished runs"
+        )
     out = check_dir(out_dir, "out")  # a file, a path under a file, a read-only place: one line, before any work
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -54,15 +65,23 @@ def make_report(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike) 
     md = [f"# Report: {_plural(len(runs), 'run')}", ""]
     for stage, table in tables.items():
         md += [f"## {stage} ({_plural(len(table.rows), 'run')})", ""]
-        md += [("Options that differ: " + ", ".join(f"`{k}`" for k in table.keys)) if table.keys
-               else "No option differs between these runs.", "", to_markdown(table), ""]
+        md += [
+            ("Options that differ: " + ", ".join(f"`{k}`" for k in table.keys))
+            if table.keys
+            else "No option differs between these runs.",
+            "",
+            to_markdown(table),
+            "",
+        ]
         summary = seed_summary(table)
         if summary is not None:
             seed_tables[stage] = summary
             md += ["Mean ± sample std over seeds:", "", to_markdown(summary), ""]
-        for name, fn in ((f"{stage}_by_option.png", lambda p, t=table: plot_by_option(t, p)),
-                         (f"{stage}_loss_curves.png", lambda p, t=table: plot_loss_curves(t, by_path, p)),
-                         (f"{stage}_vs_mask_ratio.png", lambda p, t=table: plot_vs_mask_ratio(t, p))):
+        for name, fn in (
+            (f"{stage}_by_option.png", lambda p, t=table: plot_by_option(t, p)),
+            (f"{stage}_loss_curves.png", lambda p, t=table: plot_loss_curves(t, by_path, p)),
+            (f"{stage}_vs_mask_ratio.png", lambda p, t=table: plot_vs_mask_ratio(t, p)),
+        ):
             written = fn(out / name)
             if written is not None:
                 files.append(written)
@@ -87,6 +106,22 @@ def make_report(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike) 
     return Report(tables, seed_tables, markdown, files)
 
 
-__all__ = ["Report", "Run", "STAGES", "StageSpec", "Table", "build_tables", "describe", "differing_keys", "find_runs",
-           "flatten", "format_value", "load_runs", "make_report", "mean_std", "seed_summary", "to_markdown",
-           "write_csv"]
+__all__ = [
+    "Report",
+    "Run",
+    "STAGES",
+    "StageSpec",
+    "Table",
+    "build_tables",
+    "describe",
+    "differing_keys",
+    "find_runs",
+    "flatten",
+    "format_value",
+    "load_runs",
+    "make_report",
+    "mean_std",
+    "seed_summary",
+    "to_markdown",
+    "write_csv",
+]

@@ -28,13 +28,37 @@ HYDRA_CONFIG = Path(HYDRA_SUBDIR) / "config.yaml"
 SKIP_DIRS = {HYDRA_SUBDIR, CHECKPOINT_SUBDIR, TB_DIR, "__pycache__"}  # never hold run dirs; checkpoints can be huge
 
 # Keys that never explain a difference in results (paths, logging, resume bookkeeping).
-IGNORED_KEYS = {"progress", "resume", "resume_changes", "run", "data.data_dir", "log_every", "ckpt_every",
-                "keep_checkpoints", "max_nonfinite_streak", "target.path"}
+IGNORED_KEYS = {
+    "progress",
+    "resume",
+    "resume_changes",
+    "run",
+    "data.data_dir",
+    "log_every",
+    "ckpt_every",
+    "keep_checkpoints",
+    "max_nonfinite_streak",
+    "target.path",
+}
 IGNORED_PREFIXES = ("distributed.",)  # process/launcher setup: results do not depend on it
 # Option columns come first in this order (the ablations of the paper), then alphabetically, seed keys last.
-KEY_PRIORITY = ("stem.name", "stem.norm", "model.num_parallel_branches", "model.depth", "model.dim",
-                "target.name", "mask.name", "mask_ratio", "pretrain.target.name", "pretrain.mask.name",
-                "pretrain.mask_ratio", "init", "random_init", "finetune.mode.name", "finetune.image_size")
+KEY_PRIORITY = (
+    "stem.name",
+    "stem.norm",
+    "model.num_parallel_branches",
+    "model.depth",
+    "model.dim",
+    "target.name",
+    "mask.name",
+    "mask_ratio",
+    "pretrain.target.name",
+    "pretrain.mask.name",
+    "pretrain.mask_ratio",
+    "init",
+    "random_init",
+    "finetune.mode.name",
+    "finetune.image_size",
+)
 SOURCE_PREFIXES = ("pretrain.", "source.")  # options of the run a probe / fine-tune started from
 
 
@@ -53,18 +77,33 @@ class StageSpec:
 STAGES: Registry = Registry("stage", "results.json stage")
 for _spec in (
     StageSpec(
-        "pretrain", ("test_accuracy", "test_mse"),
+        "pretrain",
+        ("test_accuracy", "test_mse"),
         ("test_accuracy", "chance_accuracy", "test_mse", "train_loss", "train_accuracy", "images_per_sec", "params"),
-        ("test_accuracy", "test_mse", "train_loss", "images_per_sec"), chance="chance_accuracy"),
+        ("test_accuracy", "test_mse", "train_loss", "images_per_sec"),
+        chance="chance_accuracy",
+    ),
     StageSpec(
-        "linear_probe", ("best_top1",),
+        "linear_probe",
+        ("best_top1",),
         ("best_top1", "best_layer", "best_knn_top1", "best_knn_layer", "chance_top1", "feature_dim"),
-        ("best_top1", "best_knn_top1"), chance="chance_top1"),
+        ("best_top1", "best_knn_top1"),
+        chance="chance_top1",
+    ),
     StageSpec(
-        "finetune", ("test_top1",),
-        ("test_top1", "trainable_params", "total_params", "peak_memory_mib", "images_per_sec", "step_time_s",
-         "train_loss"),
-        ("test_top1", "peak_memory_mib", "images_per_sec", "train_loss")),
+        "finetune",
+        ("test_top1",),
+        (
+            "test_top1",
+            "trainable_params",
+            "total_params",
+            "peak_memory_mib",
+            "images_per_sec",
+            "step_time_s",
+            "train_loss",
+        ),
+        ("test_top1", "peak_memory_mib", "images_per_sec", "train_loss"),
+    ),
 ):
     STAGES.add(_spec.name, _spec)
 
@@ -91,8 +130,10 @@ def find_runs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     for p in paths:
         root = Path(os.path.expanduser(os.fspath(p))).absolute()
         if not root.exists():
-            raise ConfigError(f"{os.fspath(p)!r} does not exist: pass run dirs or sweep dirs (e.g. multirun/pretrain/"
-                              f"<date>) holding {RESULTS_FILE}")
+            raise ConfigError(
+                f"{os.fspath(p)!r} does not exist: pass run dirs or sweep dirs (e.g. multirun/pretrain/"
+                f"<date>) holding {RESULTS_FILE}"
+            )
         if root.is_file():
             root = root.parent if root.name == RESULTS_FILE else root
             if not (root / RESULTS_FILE).is_file():
@@ -141,14 +182,17 @@ def load_config(run_dir: Path, results: Mapping | None = None) -> dict:
 
         try:
             cfg = OmegaConf.load(hydra_file)
-        except Exception as e:  # noqa: BLE001 - not YAML (damaged, overwritten): the other sources still describe it
+        except Exception as e:
             cfg = None
-            log.warning("%s: not a readable YAML config (%s); using the config saved with its results or checkpoint",
-                        hydra_file, " ".join(str(e).split())[:120])
+            log.warning(
+                "%s: not a readable YAML config (%s); using the config saved with its results or checkpoint",
+                hydra_file,
+                " ".join(str(e).split())[:120],
+            )
         if isinstance(cfg, DictConfig):
             try:
                 return OmegaConf.to_container(cfg, resolve=True)
-            except Exception:  # noqa: BLE001 - an interpolation needing Hydra's runtime (${hydra:...}): keep it as text
+            except Exception:
                 return OmegaConf.to_container(cfg, resolve=False)
         if cfg is not None:
             log.warning("%s: not a mapping of keys; using the config saved with its results or checkpoint", hydra_file)
@@ -161,7 +205,7 @@ def load_config(run_dir: Path, results: Mapping | None = None) -> dict:
             meta = load_meta(run_dir)
             if isinstance(meta.get("config"), Mapping):
                 return dict(meta["config"])
-        except Exception as e:  # noqa: BLE001 - a report must not die on one unreadable run
+        except Exception as e:
             log.warning("%s: no config (checkpoint meta unreadable: %s)", run_dir, e)
     log.warning("%s: no resolved config found (.hydra/config.yaml, results 'config' or checkpoint meta)", run_dir)
     return {}
@@ -190,8 +234,9 @@ def _source_run(stage: str, results: Mapping) -> str | None:
     return None
 
 
-def describe(stage: str, config: Mapping, results: Mapping, source_config: Mapping | None,
-             source_prefix: str = "pretrain.") -> dict[str, Any]:
+def describe(
+    stage: str, config: Mapping, results: Mapping, source_config: Mapping | None, source_prefix: str = "pretrain."
+) -> dict[str, Any]:
     """The flattened option view of one run (see the module docstring). The source run's options get
     `source_prefix` ('pretrain.'; 'source.' when a probe or fine-tune starts from a fine-tuned run)."""
     flat = _flat_config(config)
@@ -246,13 +291,14 @@ def load_runs(paths: Iterable[str | os.PathLike]) -> list[Run]:
                 src_dir = Path(src)
                 src_results = _read_json(src_dir / RESULTS_FILE) if (src_dir / RESULTS_FILE).is_file() else None
                 src_stage = (src_results or {}).get("stage", "pretrain")
-                source_cache[src] = (load_config(src_dir, src_results) if src_dir.is_dir() else {},
-                                     "pretrain." if src_stage == "pretrain" else "source.")
+                source_cache[src] = (
+                    load_config(src_dir, src_results) if src_dir.is_dir() else {},
+                    "pretrain." if src_stage == "pretrain" else "source.",
+                )
                 if not src_dir.is_dir():
                     log.warning("%s: its source run %s is gone; its options are unknown", run_dir, src)
             source_cfg, prefix = source_cache[src]
-        runs.append(Run(run_dir, stage, _derive(stage, results),
-                        describe(stage, config, results, source_cfg, prefix)))
+        runs.append(Run(run_dir, stage, _derive(stage, results), describe(stage, config, results, source_cfg, prefix)))
     _name_runs(runs)
     return runs
 

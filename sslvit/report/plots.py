@@ -14,6 +14,7 @@ from sslvit.report.tables import Table, _is_number, _sort_token, format_value, i
 
 log = logging.getLogger(__name__)
 
+
 # ------------------------------------------------------------------------------------------ plots
 def _label(row: Mapping, keys: Sequence[str]) -> str:
     return ", ".join(f"{k}={format_value(row[k], option=True)}" for k in keys) or str(row.get("run", ""))
@@ -53,8 +54,14 @@ def plot_by_option(table: Table, path: Path) -> Path | None:
         values = sorted(groups, key=_sort_token)
         stats = [mean_std(groups[v]) for v in values]
         x = range(len(values))
-        ax.bar(x, [m for m, _ in stats], yerr=[0 if math.isnan(s) else s for _, s in stats], capsize=4,
-               color="tab:blue", alpha=0.7)
+        ax.bar(
+            x,
+            [m for m, _ in stats],
+            yerr=[0 if math.isnan(s) else s for _, s in stats],
+            capsize=4,
+            color="tab:blue",
+            alpha=0.7,
+        )
         for i, v in enumerate(values):
             ax.scatter([i] * len(groups[v]), groups[v], color="black", s=10, zorder=3)
         if chance is not None:
@@ -64,7 +71,7 @@ def plot_by_option(table: Table, path: Path) -> Path | None:
         ax.set_xlabel(key or "")
         ax.set_ylabel(metric)
         ax.grid(axis="y", alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.set_visible(False)
     fig.suptitle(f"{table.stage}: {metric} per option\n(bars: mean ± std over runs, dots: runs)", fontsize=10)
     fig.tight_layout()
@@ -87,8 +94,12 @@ def plot_loss_curves(table: Table, runs_by_path: Mapping[str, Run], path: Path) 
         try:
             rows = read_metrics(run.path)
         except (OSError, UnicodeDecodeError) as e:  # not text (damaged): the run still has its row in the tables
-            log.warning("%s: no loss curve (%s is not readable: %s)", run.path, run.metrics_file.name,
-                        " ".join(str(e).split())[:100])
+            log.warning(
+                "%s: no loss curve (%s is not readable: %s)",
+                run.path,
+                run.metrics_file.name,
+                " ".join(str(e).split())[:100],
+            )
             continue
         pts = [(m["step"], m["loss"]) for m in rows if _is_number(m.get("loss"))]
         if pts:  # one colour per option combination, one line style per seed
@@ -102,8 +113,14 @@ def plot_loss_curves(table: Table, runs_by_path: Mapping[str, Run], path: Path) 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = ("-", "--", ":", "-.")
     for label, colour, style, pts in curves:
-        ax.plot([s for s, _ in pts], [v for _, v in pts], label=label, lw=1.3, color=f"C{colour % 10}",
-                ls=styles[style % len(styles)])
+        ax.plot(
+            [s for s, _ in pts],
+            [v for _, v in pts],
+            label=label,
+            lw=1.3,
+            color=f"C{colour % 10}",
+            ls=styles[style % len(styles)],
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title(f"{table.stage}: training loss")
@@ -132,7 +149,8 @@ def plot_vs_mask_ratio(table: Table, path: Path) -> Path | None:
     for r in table.rows:
         if _is_number(r.get(metric)) and _is_number(r.get(key)):
             lines.setdefault(tuple(_hashable(r[k]) for k in others), {}).setdefault(float(r[key]), []).append(
-                float(r[metric]))
+                float(r[metric])
+            )
     if not lines:
         return None
     plt = _pyplot()
@@ -141,8 +159,14 @@ def plot_vs_mask_ratio(table: Table, path: Path) -> Path | None:
         xs = sorted(lines[combo])
         stats = [mean_std(lines[combo][x]) for x in xs]
         label = ", ".join(f"{k}={format_value(v, option=True)}" for k, v in zip(others, combo)) or metric
-        ax.errorbar(xs, [m for m, _ in stats], yerr=[0 if math.isnan(s) else s for _, s in stats], marker="o",
-                    capsize=3, label=label)
+        ax.errorbar(
+            xs,
+            [m for m, _ in stats],
+            yerr=[0 if math.isnan(s) else s for _, s in stats],
+            marker="o",
+            capsize=3,
+            label=label,
+        )
     chance = _chance_level(table, table.rows)
     if chance is not None:
         ax.axhline(chance, color="tab:red", ls="--", lw=1, label="chance (mean)")

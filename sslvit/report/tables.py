@@ -12,8 +12,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sslvit.report.discovery import (IGNORED_KEYS, IGNORED_PREFIXES, KEY_PRIORITY, SOURCE_PREFIXES, STAGES, Run,
-                                     _hashable)
+from sslvit.report.discovery import (
+    IGNORED_KEYS,
+    IGNORED_PREFIXES,
+    KEY_PRIORITY,
+    SOURCE_PREFIXES,
+    STAGES,
+    Run,
+    _hashable,
+)
 
 # ------------------------------------------------------------------------------------------ tables
 _MISSING = "<missing>"
@@ -27,7 +34,7 @@ def _base_key(key: str) -> str:
     """The key inside its own run's config: without the 'pretrain.'/'source.' prefix of a source run's options."""
     for prefix in SOURCE_PREFIXES:
         if key.startswith(prefix):
-            return key[len(prefix):]
+            return key[len(prefix) :]
     return key
 
 
@@ -44,8 +51,11 @@ def differing_keys(configs: Sequence[Mapping[str, Any]]) -> list[str]:
         group = with_source if k.startswith(SOURCE_PREFIXES) else configs
         return len({_sort_token(c.get(k, _MISSING)) for c in group}) > 1
 
-    out = [k for k in keys if _base_key(k) not in IGNORED_KEYS and not _base_key(k).startswith(IGNORED_PREFIXES)
-           and differs(k)]
+    out = [
+        k
+        for k in keys
+        if _base_key(k) not in IGNORED_KEYS and not _base_key(k).startswith(IGNORED_PREFIXES) and differs(k)
+    ]
     prio = {k: i for i, k in enumerate(KEY_PRIORITY)}
     return sorted(out, key=lambda k: (is_seed_key(k), prio.get(k, len(prio)), k))
 
@@ -176,8 +186,13 @@ def to_markdown(table: Table) -> str:
             cells = [format_value(row[k], option=True) for k in table.keys] + [str(row["n_seeds"])]
             for m in agg:
                 mu, sd = row[f"{m}_mean"], row[f"{m}_std"]
-                cells.append("-" if mu is None else format_value(mu) if not _is_number(sd)
-                             else f"{format_value(mu)} ± {format_value(sd)}")
+                cells.append(
+                    "-"
+                    if mu is None
+                    else format_value(mu)
+                    if not _is_number(sd)
+                    else f"{format_value(mu)} ± {format_value(sd)}"
+                )
             body.append(cells)
     else:
         header = table.columns

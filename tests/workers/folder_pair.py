@@ -11,12 +11,12 @@ from prelude import report, start
 
 pid, n, (root,) = start()
 
-import jax  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from conftest import CONF_DIR  # noqa: E402
+import jax
+from conftest import CONF_DIR
+from omegaconf import OmegaConf
 
-from sslvit import data  # noqa: E402
-from sslvit.data import folder  # noqa: E402
+from sslvit import data
+from sslvit.data import folder
 
 
 class Checked(logging.Handler):
@@ -41,6 +41,14 @@ handler.counts = []
 folder._SCANS.clear()  # a second start of this process: the on-disk manifest, not this process's memory
 jax.experimental.multihost_utils.sync_global_devices("manifest written")
 again = data.dataset_info(cfg)
-report({"process": jax.process_index(), "checked": first, "checked_again": handler.counts,
-        "num_train": info.num_train, "num_test": info.num_test, "skipped": list(info.skipped_files),
-        "same_again": again == info})
+report(
+    {
+        "process": jax.process_index(),
+        "checked": first,
+        "checked_again": handler.counts,
+        "num_train": info.num_train,
+        "num_test": info.num_test,
+        "skipped": list(info.skipped_files),
+        "same_again": again == info,
+    }
+)

@@ -19,28 +19,62 @@ einops.rearrange(np.zeros(1), "a -> a"), einops.rearrange(jnp.zeros(1), "a -> a"
 for name in ("tensorflow", "tensorflow_datasets"):
     sys.modules[name] = None  # `import tensorflow` now raises ImportError, wherever it is tried
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
+import json
+from pathlib import Path
 
-from conftest import compose_config  # noqa: E402
+from conftest import compose_config
 
-from sslvit.finetune import finetune  # noqa: E402
-from sslvit.pretraining import pretrain  # noqa: E402
-from sslvit.probe import linear_probe  # noqa: E402
+from sslvit.finetune import finetune
+from sslvit.pretraining import pretrain
+from sslvit.probe import linear_probe
 
 arrays, out = sys.argv[1], Path(sys.argv[2])
 data = ["data=cifar10_arrays", f"data.path={arrays}", "data.train_split='train[:512]'", "progress=false"]
-micro = ["model.dim=32", "model.depth=1", "model.heads=2", "model.mlp_dim=64", "batch_size=32", "log_every=2",
-         "ckpt_every=4", "optim.warmup_steps=1"]
-results = {"pretrain": pretrain(compose_config("pretrain", data + micro + [
-    "steps=4", "target.vocab_size=16", "target.num_samples=2000", "target.iters=3", "eval_batches=2"]),
-    out / "pretrain")}
-results["probe"] = linear_probe(compose_config("linear_probe", data + [
-    f"run={out / 'pretrain'}", "data.test_split='test[:100]'", "batch_size=64", "probe.epochs=2"]), out / "probe")
-ft = finetune(compose_config("finetune", data + micro[4:] + [
-    f"run={out / 'pretrain'}", "steps=4", "eval_batches=2", "finetune.mixup_alpha=0.8",
-    "finetune.cutmix_alpha=1.0"]), out / "finetune")
+micro = [
+    "model.dim=32",
+    "model.depth=1",
+    "model.heads=2",
+    "model.mlp_dim=64",
+    "batch_size=32",
+    "log_every=2",
+    "ckpt_every=4",
+    "optim.warmup_steps=1",
+]
+results = {
+    "pretrain": pretrain(
+        compose_config(
+            "pretrain",
+            data
+            + micro
+            + ["steps=4", "target.vocab_size=16", "target.num_samples=2000", "target.iters=3", "eval_batches=2"],
+        ),
+        out / "pretrain",
+    )
+}
+results["probe"] = linear_probe(
+    compose_config(
+        "linear_probe",
+        data + [f"run={out / 'pretrain'}", "data.test_split='test[:100]'", "batch_size=64", "probe.epochs=2"],
+    ),
+    out / "probe",
+)
+ft = finetune(
+    compose_config(
+        "finetune",
+        data
+        + micro[4:]
+        + [
+            f"run={out / 'pretrain'}",
+            "steps=4",
+            "eval_batches=2",
+            "finetune.mixup_alpha=0.8",
+            "finetune.cutmix_alpha=1.0",
+        ],
+    ),
+    out / "finetune",
+)
 results["finetune"] = {k: v for k, v in ft.items() if k != "encoder"}
-loaded = sorted(m for m, v in sys.modules.items() if v is not None and m.split(".")[0] in
-                ("tensorflow", "tensorflow_datasets"))
+loaded = sorted(
+    m for m, v in sys.modules.items() if v is not None and m.split(".")[0] in ("tensorflow", "tensorflow_datasets")
+)
 print("RESULT " + json.dumps({"results": results, "tensorflow_modules": loaded}, default=str), flush=True)

@@ -12,10 +12,10 @@ import sys
 def start() -> tuple[int, int, list[str]]:
     pid, n, port, args = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import jax  # noqa: PLC0415
+    import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    from sslvit.distributed import maybe_initialize  # noqa: PLC0415
+    from sslvit.distributed import maybe_initialize
 
     multi = maybe_initialize({"coordinator_address": f"127.0.0.1:{port}", "num_processes": n, "process_id": pid})
     assert multi == (n > 1)

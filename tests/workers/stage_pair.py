@@ -14,12 +14,12 @@ from prelude import report, start
 
 pid, n, (stage, run, out_dir, *overrides) = start()
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from conftest import compose_config  # noqa: E402
+import jax
+import numpy as np
+from conftest import compose_config
 
-import sslvit.data as data_lib  # noqa: E402
-import sslvit.train as train_lib  # noqa: E402
+import sslvit.data as data_lib
+import sslvit.train as train_lib
 
 written, write_text, replace = [], Path.write_text, os.replace
 
@@ -49,7 +49,7 @@ if n == 1:
 out = {"process": jax.process_index(), "processes": jax.process_count(), "losses": []}
 cfg = compose_config(stage, [f"run={run}", "progress=false", *overrides])
 if stage == "finetune":
-    from sslvit.finetune import finetune  # noqa: E402
+    from sslvit.finetune import finetune
 
     fit = train_lib.fit
 
@@ -67,14 +67,15 @@ if stage == "finetune":
     results = finetune(cfg, out_dir)
     results.pop("encoder")
 else:
-    import sslvit.probe as probe_lib  # noqa: E402
+    import sslvit.probe as probe_lib
 
     train = probe_lib.train_linear_probes
 
     def recording_train(*a, **kw):
         params = train(*a, **kw)
-        out["classifiers_sha256"] = hashlib.sha256(np.asarray(params["w"]).tobytes() +
-                                                   np.asarray(params["b"]).tobytes()).hexdigest()
+        out["classifiers_sha256"] = hashlib.sha256(
+            np.asarray(params["w"]).tobytes() + np.asarray(params["b"]).tobytes()
+        ).hexdigest()
         out["w"] = np.asarray(params["w"]).tolist()
         return params
 

@@ -14,13 +14,13 @@ from prelude import report, start
 pid, n, (run_dir, batch_size) = start()
 batch_size = int(batch_size)
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from conftest import TINY_PRETRAIN, compose_config  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from conftest import TINY_PRETRAIN, compose_config
 
-from sslvit.pretraining import Pretraining, pretrain  # noqa: E402
-from sslvit.train import Preempted, batch_sharding, make_mesh, to_global  # noqa: E402
+from sslvit.pretraining import Pretraining, pretrain
+from sslvit.train import Preempted, batch_sharding, make_mesh, to_global
 
 p = Pretraining(compose_config("pretrain", TINY_PRETRAIN + ["model.drop_path=0.0", f"batch_size={batch_size}"]), None)
 mesh = make_mesh()
@@ -35,19 +35,32 @@ for i in range(3):
     batch = to_global({"image": images[rows], "mask": mask[rows]}, batch_sharding(mesh))
     state, m = step(state, batch, consts)
     losses.append(float(m["loss"]))
-out = {"process": jax.process_index(), "processes": jax.process_count(), "devices": jax.device_count(),
-       "losses": losses, "local_rows": int(batch["image"].addressable_shards[0].data.shape[0]),
-       "sharded": len(batch["image"].sharding.device_set)}
+out = {
+    "process": jax.process_index(),
+    "processes": jax.process_count(),
+    "devices": jax.device_count(),
+    "losses": losses,
+    "local_rows": int(batch["image"].addressable_shards[0].data.shape[0]),
+    "sharded": len(batch["image"].sharding.device_set),
+}
 
 if run_dir != "-":
-    from sslvit.metrics import read_metrics  # noqa: E402
+    from sslvit.metrics import read_metrics
 
-    common = TINY_PRETRAIN + ["log_every=1", "ckpt_every=2", "batch_size=16", "target.num_samples=1000",
-                              "eval_batches=1", "data.train_split='train[:512]'", "monitor.num_train=64",
-                              "monitor.num_test=32"]
+    common = TINY_PRETRAIN + [
+        "log_every=1",
+        "ckpt_every=2",
+        "batch_size=16",
+        "target.num_samples=1000",
+        "eval_batches=1",
+        "data.train_split='train[:512]'",
+        "monitor.num_train=64",
+        "monitor.num_test=32",
+    ]
     res = pretrain(compose_config("pretrain", common + ["steps=4"]), run_dir)  # the k-NN monitor at step 4
     out["stage"] = {k: res.get(k) for k in ("train_loss", "test_accuracy", "test_batches", "monitor/knn_top1")}
     if pid == 1:
+
         def watch():
             while not any(r["step"] >= 6 for r in read_metrics(run_dir)):
                 time.sleep(0.02)
