@@ -102,7 +102,7 @@ BUDGETS = {
             "progress=false",
         ],
         "probe": ["data.train_split='train[:10000]'", "batch_size=256", "progress=false"],
-        # seconds on the shared 2-core VM (load 5-12): pretraining ~1.3 s/step, fine-tuning ~1 s/step
+        # seconds on a 2-core VM at load 5-12: pretraining ~1.3 s/step, fine-tuning ~1 s/step
         "estimates": {"pretrain": 1080, "probe": 240, "finetune": 560, "transfer": 90},
     },
     "smoke": {  # every stage for a few steps on small splits: checks the script, measures nothing (~6 min on CPU)
@@ -214,7 +214,7 @@ def machine() -> dict:
     except OSError:
         pass
     if d.platform == "cpu":
-        device = f"cpu ({os.cpu_count()}-core {cpu}, shared with other jobs)"
+        device = f"cpu ({os.cpu_count()}-core {cpu})"  # the load is recorded beside it
     else:
         device = f"{d.device_kind} x {jax.device_count()} ({d.platform}; host {os.cpu_count()} cores {cpu})"
     return {
