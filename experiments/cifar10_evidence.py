@@ -26,26 +26,22 @@ Time guard: every stage has an estimate; one that would end past `--deadline` (g
 and recorded as such, and a stage still running at the deadline is stopped. A JAX compilation cache under the
 output dir lets the runs that compile the same program (the random-init probe, the from-scratch fine-tune) skip it.
 
-The GPU run, from a session with the device tool (one H200, 15 minutes of device time: one run per session).
-The GPU image has JAX, flax, optax, orbax, numpy, Pillow, matplotlib, tqdm, tensorboard and scikit-learn but no
-hydra-core (wheels travel in .whl) and no TensorFlow (CIFAR-10 travels packed, ../shared/device/). Here, once:
+A GPU host without internet, TensorFlow or hydra-core (e.g. a JAX CUDA container: JAX, flax, optax, orbax, numpy,
+Pillow, matplotlib): on a machine with internet, prepare wheels, data and the digits set beside the checkout,
 
-    echo /.whl/ >> .git/info/exclude && echo /.data/ >> .git/info/exclude
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl hydra-core==1.3.2 omegaconf==2.3.0
     python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3     # an sdist on PyPI: built here
-    mkdir -p .data && cp -r ../shared/device/cifar10 ../shared/device/unpack_cifar10.py .data/
-    python3 experiments/make_digits.py .data/digits                             # needs scikit-learn here
+    python3 -m sslvit.data.materialize cifar10 .data/cifar10                  # train.npz / test.npz (needs tfds)
+    python3 experiments/make_digits.py .data/digits                            # needs scikit-learn
 
-then `run` with carry [".whl", ".data"], timeout_s 600 and the command
+copy the checkout with .whl/ and .data/ to the GPU host, and there run
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site
-    .whl/*.whl && export PYTHONPATH=/tmp/site || exit; python3 .data/unpack_cifar10.py /tmp/c10 >/dev/null &&
-    PYTHONUNBUFFERED=1 python3 experiments/cifar10_evidence.py --budget gpu --data /tmp/c10
-    --digits .data/digits --out /tmp/evidence --summary $OUT
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+    python3 experiments/cifar10_evidence.py --budget gpu --data .data/cifar10 --digits .data/digits --out /tmp/evidence
 
-and afterwards, here: `python3 experiments/cifar10_evidence.py --merge <files_at>/evidence.json` (adds its entries
-to docs/results/cifar10_evidence.json) and `give_back`. `--stems linear,conv` is the second run, same command.
+then, back here, `python3 experiments/cifar10_evidence.py --merge /tmp/evidence/evidence.json` adds its entries to
+docs/results/cifar10_evidence.json. `--stems linear,conv` is the second run, same command.
 """
 
 from __future__ import annotations
