@@ -263,8 +263,10 @@ class RunDir:
         import numpy as np  # noqa: PLC0415
         from jax.experimental import multihost_utils  # noqa: PLC0415
 
+        from sslvit.distributed import is_main_process  # noqa: PLC0415
+
         error = None
-        if jax.process_index() == 0:
+        if is_main_process():
             try:
                 self.claim(resume=resume)
             except ConfigError as e:  # every refusal: the others must hear of it, not wait in the broadcast

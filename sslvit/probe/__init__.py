@@ -29,6 +29,7 @@ import numpy as np
 from sslvit import data as data_lib
 from sslvit.config.stages import LinearProbeConfig
 from sslvit.data.config import check_classes
+from sslvit.distributed import is_main_process
 from sslvit.errors import ConfigError
 from sslvit.models import build_vit
 from sslvit.pooling import POOLINGS, get_pooling
@@ -203,7 +204,7 @@ class LinearProbe(Stage):
             from jax.experimental import multihost_utils  # noqa: PLC0415
 
             multihost_utils.sync_global_devices("probe features read")
-        if jax.process_index() == 0:
+        if is_main_process():
             shutil.rmtree(feature_dir, ignore_errors=True)
 
         best = int(np.argmax(top1))
@@ -272,7 +273,7 @@ class LinearProbe(Stage):
             range(total),
             desc="linear probe (augmented)",
             dynamic_ncols=True,
-            disable=not (c.progress and jax.process_index() == 0),
+            disable=not (c.progress and is_main_process()),
         )
         for i in bar:
             params, opt_state, loss = step(params, opt_state, variables, next(batches))

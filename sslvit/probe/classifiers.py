@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from sslvit.config.groups import ProbeOptions
+from sslvit.distributed import is_main_process
 from sslvit.errors import ConfigError
 from sslvit.probe.store import as_source, chunks, fill, rows_per_read
 
@@ -137,9 +138,7 @@ def train_linear_probes(
     buffer = np.empty((n_layers, plan.window_rows, f), np.float32)
     resident = None
     key = jax.random.key(seed)
-    bar = tqdm(
-        range(cfg.epochs), desc="linear probe", disable=not (progress and jax.process_index() == 0), dynamic_ncols=True
-    )
+    bar = tqdm(range(cfg.epochs), desc="linear probe", disable=not (progress and is_main_process()), dynamic_ncols=True)
     for e in bar:
         losses = []
         for j, ranges in enumerate(plan.windows[e]):
