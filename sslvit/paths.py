@@ -23,6 +23,19 @@ def _why_unwritable(path: Path) -> str:
     return "it is not writable (permission denied)"
 
 
+def _check_ancestor(p: Path, path, key: str, fails: str, fix: str) -> None:
+    """The nearest existing ancestor of `p` (which does not exist yet) must be a writable directory."""
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(
+            f"{key}={os.fspath(path)} lies under {parent}, which is a file: choose a path under a directory"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={os.fspath(path)} {fails}: {parent} {_why_unwritable(parent)[3:]}; {fix}")
+
+
 def check_dir(path: str | os.PathLike, key: str) -> Path:
     """`path` as an absolute dir path that is, or can be created as, a writable directory; one-line ConfigError
     otherwise (a file, a path under a file, no permission, a read-only file system). Creates nothing."""
@@ -35,18 +48,7 @@ def check_dir(path: str | os.PathLike, key: str) -> Path:
                 f"{key}={os.fspath(path)} cannot be written: {_why_unwritable(p)}; choose another directory"
             )
         return p
-    parent = p.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(
-            f"{key}={os.fspath(path)} lies under {parent}, which is a file: choose a path under a directory"
-        )
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"{key}={os.fspath(path)} cannot be created: {parent} {_why_unwritable(parent)[3:]}; "
-            f"choose another directory"
-        )
+    _check_ancestor(p, path, key, "cannot be created", "choose another directory")
     return p
 
 
@@ -58,17 +60,7 @@ def check_file(path: str | os.PathLike, key: str) -> Path:
         raise ConfigError(f"{key}={os.fspath(path)} is a directory: name a file, e.g. {os.fspath(path)}/grid.png")
     if p.exists() and not os.access(p, os.W_OK):
         raise ConfigError(f"{key}={os.fspath(path)} cannot be written: {_why_unwritable(p)}; choose another path")
-    parent = p.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(
-            f"{key}={os.fspath(path)} lies under {parent}, which is a file: choose a path under a directory"
-        )
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"{key}={os.fspath(path)} cannot be written: {parent} {_why_unwritable(parent)[3:]}; choose another path"
-        )
+    _check_ancestor(p, path, key, "cannot be written", "choose another path")
     return p
 
 

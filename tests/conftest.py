@@ -95,3 +95,19 @@ def pretrain_run(tfds_cifar10, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("pretrain_run")
     pretrain(compose_config("pretrain", TINY_PRETRAIN), run_dir)
     return run_dir
+
+
+@pytest.fixture
+def compiles():
+    """A list that collects every XLA compile while the test runs ("before any compile" made checkable)."""
+    import jax
+
+    seen: list[str] = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            seen.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    yield seen
+    jax.monitoring.unregister_event_duration_listener(listener)

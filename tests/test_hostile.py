@@ -22,7 +22,6 @@ import threading
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 from conftest import CONF_DIR, TINY_PRETRAIN, compose_config, requires_cifar10
@@ -92,20 +91,6 @@ def digest(root: Path) -> dict[str, str]:
 def run_copy(pretrain_run, tmp_path) -> Path:
     """A copy of the tiny pretraining run (checkpoints 30 and 60, k-means tokenizer) that a test may damage."""
     return Path(shutil.copytree(pretrain_run, tmp_path / "run"))
-
-
-@pytest.fixture
-def compiles():
-    """Every XLA compile while the test runs ("before anything is computed" made checkable)."""
-    seen: list[str] = []
-
-    def listener(event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            seen.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    yield seen
-    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def damage_step(run: Path, step: int) -> None:

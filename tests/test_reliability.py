@@ -213,19 +213,6 @@ def test_nonfinite_steps_are_skipped_counted_and_a_streak_stops_the_run_naming_t
 
 
 # ------------------------------------------------------------------------------------------------ bad input
-@pytest.fixture
-def compiles():
-    """A list that collects every XLA compile while the test runs ("before any compile" made checkable)."""
-    seen: list[str] = []
-
-    def listener(event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            seen.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    yield seen
-    jax.monitoring.unregister_event_duration_listener(listener)
-
 
 # Every numeric key of conf/pretrain.yaml and its groups, out of range or mistyped as on a command line. Each must
 # be one line naming the key (the expected text) and what is allowed, raised before any compile.
