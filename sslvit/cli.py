@@ -79,6 +79,7 @@ def run_main(fn, cfg):
     Under a Hydra multirun, failures are recorded per job and the sweep goes on."""
     quiet_start_up_notices()
     signals.install()
+    runtime.enable_compile_cache()
     run_dir = hydra_run_dir()
     _hold_hydra_records(cfg, run_dir)
     resumable = "resume" in cfg

@@ -14,6 +14,12 @@ def absolute(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
+def user_cache_dir(*parts: str) -> Path:
+    """`$XDG_CACHE_HOME/sslvit/<parts>` (`~/.cache/sslvit/...` by default): what the project caches per user (folder
+    verification manifests of read-only datasets, compiled steps)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "sslvit", *parts)
+
+
 def _why_unwritable(path: Path) -> str:
     try:
         if os.statvfs(path).f_flag & os.ST_RDONLY:

@@ -99,15 +99,22 @@ def pretrain_run(tfds_cifar10, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def compiles():
-    """A list that collects every XLA compile while the test runs ("before any compile" made checkable)."""
+    """A list that collects every XLA compile while the test runs ("before any compile" made checkable), also one
+    served from a persistent compilation cache (JAX_COMPILATION_CACHE_DIR set in the shell running the tests)."""
     import jax
 
     seen: list[str] = []
 
-    def listener(event: str, duration: float, **kwargs) -> None:
+    def on_duration(event: str, duration: float, **kwargs) -> None:
         if event == "/jax/core/compile/backend_compile_duration":
             seen.append(event)
 
-    jax.monitoring.register_event_duration_secs_listener(listener)
+    def on_event(event: str, **kwargs) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            seen.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
     yield seen
-    jax.monitoring.unregister_event_duration_listener(listener)
+    jax.monitoring.unregister_event_duration_listener(on_duration)
+    jax.monitoring.unregister_event_listener(on_event)

@@ -654,16 +654,18 @@ def test_probe_init_needs_the_model_groups_and_run_refuses_them(hydra_compose, t
         LinearProbe(hydra_compose("linear_probe", ["run=/x", "model=tiny", "stem=linear"]), tmp_path / "out")
 
 
-def test_export_timm_script_on_a_pretraining_run(pretrain_run, tmp_path):
+def test_export_timm_script_on_a_pretraining_run(pretrain_run, tmp_path, tmp_path_factory):
     """`export_timm.py` as a user runs it: the encoder of the tiny pretraining run (hMLP stem with BatchNorm,
     2 layers x 2 branches, LayerScale) to a file; the printed snippet loads it into timm, which then computes the
-    encoder's pooled features."""
+    encoder's pooled features. Like every script, it keeps compiled steps in the user's cache dir."""
     needs_timm()
     from sslvit.models import build_vit
     from sslvit.pretrained import load_encoder
 
     out = tmp_path / "enc.safetensors"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    xdg = tmp_path_factory.mktemp("xdg_cache")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(TF_CPP_MIN_LOG_LEVEL="3", XDG_CACHE_HOME=str(xdg))
     proc = subprocess.run(
         [sys.executable, str(REPO / "export_timm.py"), f"run={pretrain_run}", f"out={out}"],
         env=env,
@@ -674,6 +676,7 @@ def test_export_timm_script_on_a_pretraining_run(pretrain_run, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {out}" in proc.stdout and "embed_layer=HMLPStem" in proc.stdout
+    assert (xdg / "sslvit" / "jax").is_dir()
     snippet = proc.stdout[proc.stdout.index("from functools import partial") :]
     ns: dict = {}
     exec(snippet, ns)

@@ -62,3 +62,55 @@ def test_not_applied_where_an_accelerator_plugin_is_installed(tmp_path):
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
         assert out.stdout.strip() == expected, (plugin, out.stdout, out.stderr[-1000:])
+
+
+# A fresh interpreter that turns the scripts' compile cache on and compiles one function: prints the cache dir,
+# whether JAX found the executable there, the cache's size limit, and the `sslvit.runtime` warnings.
+CACHE_PROBE = textwrap.dedent("""
+    import logging, sys
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+    from sslvit import runtime
+    path = runtime.enable_compile_cache()
+    print(path)
+    if path is None:
+        print("jax" in sys.modules)
+        sys.exit(0)
+    import jax, jax.numpy as jnp
+    hits = []
+    jax.monitoring.register_event_listener(lambda e, **kw: hits.append(e == "/jax/compilation_cache/cache_hits"))
+    jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.ones((64, 64))).block_until_ready()
+    print(any(hits), jax.config.jax_compilation_cache_max_size)
+""")
+
+
+def _cache_probe(tmp_path, **env_vars):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **env_vars)
+    out = subprocess.run([sys.executable, "-c", CACHE_PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split(), out.stderr
+
+
+def test_compiled_steps_persist_in_the_user_cache_between_starts(tmp_path):
+    """By default a script's compiles go to ~/.cache/sslvit/jax ($XDG_CACHE_HOME), bounded to 2 GiB: the first
+    start writes the executable, the second loads it instead of compiling."""
+    (first, _), (second, _) = _cache_probe(tmp_path), _cache_probe(tmp_path)
+    cache = tmp_path / "xdg" / "sslvit" / "jax"
+    assert first == [str(cache), "False", str(2 * 2**30)]
+    assert second == [str(cache), "True", str(2 * 2**30)]
+    assert any(p.name.endswith("-cache") for p in cache.iterdir())
+
+
+def test_compile_cache_dir_from_the_environment_or_off(tmp_path):
+    """JAX_COMPILATION_CACHE_DIR names another dir (its size limit is the user's: JAX's default, none), set empty it
+    turns the cache off; a dir that cannot be made is one warning and a run without the cache."""
+    own = tmp_path / "own"
+    out, _ = _cache_probe(tmp_path, JAX_COMPILATION_CACHE_DIR=str(own))
+    assert out == [str(own), "False", "-1"] and any(own.iterdir())
+    out, err = _cache_probe(tmp_path, JAX_COMPILATION_CACHE_DIR="")
+    assert out == ["None", "False"] and not err  # off: JAX not even imported, nothing said
+    (tmp_path / "a_file").write_text("")
+    out, err = _cache_probe(tmp_path, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "a_file" / "jax"))
+    assert out == ["None", "False"]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "compiled steps are not cached" in lines[0] and "JAX_COMPILATION_CACHE_DIR" in lines[0]

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sslvit.paths import user_cache_dir
+
 log = logging.getLogger(__name__)
 
 VERSION = 1  # of the format and of the image check (sslvit/data/folder.py: _image_problem)
@@ -86,9 +88,8 @@ def manifest_dirs(root: Path, manifest_dir: str | None) -> list[Path]:
     """Where the manifests of the dataset at `root` are read from, the one to write first (see the module doc)."""
     if manifest_dir is not None:
         return [Path(manifest_dir)]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sslvit" / "folders"
     key = hashlib.sha1(os.fsencode(os.path.realpath(root))).hexdigest()[:16]
-    beside, cached = root / SUBDIR, cache / key
+    beside, cached = root / SUBDIR, user_cache_dir("folders", key)
     writable = os.access(beside if beside.is_dir() else root, os.W_OK)
     return [beside, cached] if writable else [cached, beside]
 
