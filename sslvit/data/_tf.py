@@ -7,6 +7,11 @@ Importing TensorFlow prints start-up notices from its C++ runtime straight to th
 features), before any logging setting applies; they are not this project's output. The import runs with the
 native stderr captured, and anything else it printed is passed on. `SSLVIT_VERBOSE=1` (set by the scripts under
 `hydra.verbose=true`) shows everything.
+
+`import tensorflow` also imports Keras's optimizers eagerly (to register them for SavedModel loading): ~2 of its
+~4.5 s on a 2-core CPU, for nothing tf.data uses. Unless Keras is already loaded, that one import is made to fail
+during `import tensorflow` (TensorFlow passes over it) and is allowed again right after: Keras, imported later by
+anyone, loads and registers its optimizers as usual.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import os
 import re
 import sys
 import tempfile
+
+_EAGER_KERAS = "keras.src.optimizers"  # what tensorflow/__init__.py imports "so that registrations happen"
 
 _NOTICES = re.compile(
     r"All log messages before absl::InitializeLog|oneDNN custom operations are on|"
@@ -48,8 +55,22 @@ def quiet_native_stderr():
                 print("\n".join(kept), file=sys.stderr)
 
 
+@contextlib.contextmanager
+def without_eager_keras():
+    """`import tensorflow` without its eager import of Keras's optimizers (module docstring)."""
+    if _EAGER_KERAS in sys.modules or "tensorflow" in sys.modules:
+        yield
+        return
+    sys.modules[_EAGER_KERAS] = None  # an import of it raises ImportError, which tensorflow/__init__.py passes over
+    try:
+        yield
+    finally:
+        if sys.modules.get(_EAGER_KERAS, 0) is None:
+            del sys.modules[_EAGER_KERAS]
+
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's INFO/WARNING log lines are not ours either
-with quiet_native_stderr():
+with quiet_native_stderr(), without_eager_keras():
     import tensorflow as tf
 
 try:  # TF must never grab GPU memory that JAX needs; fails harmlessly if TF already initialised its devices
@@ -59,4 +80,14 @@ except (RuntimeError, ValueError):
 
 AUTOTUNE = tf.data.AUTOTUNE
 
-__all__ = ["AUTOTUNE", "quiet_native_stderr", "tf"]
+
+def no_autograph(fn):
+    """`fn` traced as written when a `Dataset.map` builds its graph. tf.data passes map functions through AutoGraph
+    by default, which parses and rewrites their source: ~1.2 s of a folder pipeline's first batch on a 2-core CPU,
+    and a generated file in the temp dir per function. This package's transforms branch on data only with
+    `tf.cond` (their Python `if`s test static dtypes, shapes and flags), so they need no rewriting; a Python `if`
+    on a tensor would fail at tracing, not pass unnoticed."""
+    return tf.autograph.experimental.do_not_convert(fn)
+
+
+__all__ = ["AUTOTUNE", "no_autograph", "quiet_native_stderr", "tf"]

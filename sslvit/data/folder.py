@@ -325,12 +325,13 @@ class FolderSource(Source):
         return [os.fsdecode(p) for p in self._shard(split, index, count, drop_remainder, order_seed)[0]]
 
     def examples(self, split, index, count, drop_remainder, order_seed):
-        from sslvit.data._tf import AUTOTUNE, tf  # noqa: PLC0415
+        from sslvit.data._tf import AUTOTUNE, no_autograph, tf  # noqa: PLC0415
 
         paths, labels = self._shard(split, index, count, drop_remainder, order_seed)
         ds = tf.data.Dataset.from_tensor_slices({"image": paths, "label": labels})
         ds = ds.map(
-            lambda ex: {"image": tf.io.read_file(ex["image"]), "label": ex["label"]}, num_parallel_calls=AUTOTUNE
+            no_autograph(lambda ex: {"image": tf.io.read_file(ex["image"]), "label": ex["label"]}),
+            num_parallel_calls=AUTOTUNE,
         )
         return ds, order_seed is not None
 

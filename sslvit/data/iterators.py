@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from sslvit.config.checks import Integer
-from sslvit.data._tf import AUTOTUNE, tf
+from sslvit.data._tf import AUTOTUNE, no_autograph, tf
 from sslvit.data.config import DataConfig, check_crop_scale, one_line, processes
 from sslvit.data.sources import create_source
 from sslvit.data.transforms import augment_batch, augment_example, center_crop_resize, normalize, options
@@ -192,7 +192,7 @@ def make_train_iterator(
                     image = center_crop_resize(b["image"], image_size, dc.eval_crop_pct)
                 return {"image": normalize(image, dc.mean, dc.std), "label": b["label"]}
 
-            ds = ds.map(transform, num_parallel_calls=AUTOTUNE)
+            ds = ds.map(no_autograph(transform), num_parallel_calls=AUTOTUNE)
         else:
             # Images of any size: crop each (JPEG: decode only the window), keyed by (epoch, position).
             ds = ds.enumerate().skip(skip)
@@ -205,9 +205,9 @@ def make_train_iterator(
                     image = center_crop_resize(ex["image"], image_size, dc.eval_crop_pct)
                 return {"image": image, "label": ex["label"]}
 
-            ds = ds.map(transform_one, num_parallel_calls=AUTOTUNE)
+            ds = ds.map(no_autograph(transform_one), num_parallel_calls=AUTOTUNE)
             ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE)
-            ds = ds.map(lambda b: {"image": normalize(b["image"], dc.mean, dc.std), "label": b["label"]})
+            ds = ds.map(no_autograph(lambda b: {"image": normalize(b["image"], dc.mean, dc.std), "label": b["label"]}))
         return ds.prefetch(AUTOTUNE).with_options(options(dc.threads))
 
     def explain(epoch: int, offset: int, error: Exception) -> Exception:
@@ -248,11 +248,13 @@ def make_eval_iterator(
     num_batches = -(-max(sizes) // batch_size)
     ds, _ = source.examples(split, pi, pc, False, None)
     ds = ds.map(
-        lambda ex: {
-            "image": center_crop_resize(ex["image"], image_size, dc.eval_crop_pct),
-            "label": ex["label"],
-            "valid": tf.constant(True),
-        },
+        no_autograph(
+            lambda ex: {
+                "image": center_crop_resize(ex["image"], image_size, dc.eval_crop_pct),
+                "label": ex["label"],
+                "valid": tf.constant(True),
+            }
+        ),
         num_parallel_calls=AUTOTUNE,
     )
     pad = num_batches * batch_size - n
@@ -264,7 +266,9 @@ def make_eval_iterator(
         }
         ds = ds.concatenate(tf.data.Dataset.from_tensors(filler).repeat(pad))
     ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.map(lambda b: {**b, "image": normalize(b["image"], dc.mean, dc.std)}, num_parallel_calls=AUTOTUNE)
+    ds = ds.map(
+        no_autograph(lambda b: {**b, "image": normalize(b["image"], dc.mean, dc.std)}), num_parallel_calls=AUTOTUNE
+    )
     ds = ds.prefetch(AUTOTUNE).with_options(options(dc.threads))
 
     def explain(index: int, error: Exception) -> Exception:

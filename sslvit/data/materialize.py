@@ -32,7 +32,7 @@ def materialize(
     batch_size: int = 1024,
 ) -> dict[str, Path]:
     """Write each split (`spec` or `spec=file name`) of tfds dataset `name` to `<out_dir>/<file name>.npz`."""
-    from sslvit.data._tf import tf  # noqa: PLC0415
+    from sslvit.data._tf import no_autograph, tf  # noqa: PLC0415
     from sslvit.data.arrays import SUFFIX, parse_split  # noqa: PLC0415
     from sslvit.data.sources import create_source  # noqa: PLC0415
     from sslvit.data.transforms import center_crop_resize, decode  # noqa: PLC0415
@@ -59,7 +59,7 @@ def materialize(
 
         t0 = time.perf_counter()
         images, labels = [], []
-        for batch in ds.map(prepare).batch(batch_size).as_numpy_iterator():
+        for batch in ds.map(no_autograph(prepare)).batch(batch_size).as_numpy_iterator():
             images.append(batch["image"])
             labels.append(batch["label"])
         x, y = np.concatenate(images), np.concatenate(labels).astype(np.int64)

@@ -137,7 +137,7 @@ class TfdsSource(Source):
             ) from None
 
     def examples(self, split, index, count, drop_remainder, order_seed):
-        from sslvit.data._tf import AUTOTUNE, tf  # noqa: PLC0415
+        from sslvit.data._tf import AUTOTUNE, no_autograph, tf  # noqa: PLC0415
         from sslvit.data.transforms import decode  # noqa: PLC0415
 
         tfds = _tfds()
@@ -159,4 +159,4 @@ class TfdsSource(Source):
             return {"image": image, "label": tf.cast(ex[self.dc.label_key], tf.int32)}
 
         # The file order is shuffled per epoch (order_seed), examples still need the shuffle buffer.
-        return ds.map(parse, num_parallel_calls=AUTOTUNE), False
+        return ds.map(no_autograph(parse), num_parallel_calls=AUTOTUNE), False
