@@ -97,7 +97,7 @@ class Pretraining(TrainingStage):
         """Fit the target's tokenizer (or load it: `target.path`, or the run's own when resuming)."""
         saved = self.run_dir.tokenizer_file
         cfg = dict(self.target_cfg)
-        fits = type(self.target).fit is not targets.Target.fit  # the target has a state of its own (a codebook)
+        fits = self.target.fits  # the target has a state of its own (a codebook)
         if self.config.resume and saved.exists():
             cfg["path"] = str(saved)  # a resumed run keeps the tokenizer it started with
         elif self.config.resume and fits and self.run_dir.checkpoint_steps():
@@ -167,14 +167,17 @@ class Pretraining(TrainingStage):
 
     def train_batches(self, start_step: int):
         """Images + masks for each step from `start_step` on; masks are a function of (seed, step, process), so
-        a resumed run sees exactly the masks of an uninterrupted one."""
-        n = self.local_batch_size
-        seed = self.config.seed
-        step = start_step
-        for batch in self.input_batches(start_step, image_size=self.image_size):
-            rng = np.random.default_rng([seed, step, jax.process_index()])
-            yield {**{k: v for k, v in batch.items() if k != "label"}, "mask": self.sampler(rng, n)}
-            step += 1
+        a resumed run sees exactly the masks of an uninterrupted one. The input iterator is made here, on the
+        calling thread (TensorFlow is imported there); the batches are made as they are taken."""
+        n, seed, process = self.local_batch_size, self.config.seed, jax.process_index()
+        inputs = self.input_batches(start_step, image_size=self.image_size)
+
+        def with_masks():
+            for step, batch in enumerate(inputs, start=start_step):
+                rng = np.random.default_rng([seed, step, process])
+                yield {**{k: v for k, v in batch.items() if k != "label"}, "mask": self.sampler(rng, n)}
+
+        return with_masks()
 
     def batch_spec(self):
         s, b = self.image_size, self.batch_size

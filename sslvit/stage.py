@@ -327,12 +327,13 @@ class TrainingStage(Stage):
     def execute(self) -> dict:
         from sslvit.checkpoint import Checkpointer  # noqa: PLC0415
         from sslvit.metrics import MetricWriter  # noqa: PLC0415
-        from sslvit.train import batch_sharding, fit, make_mesh, memory_report, prefetch_to_device, replicated  # noqa: PLC0415  # noqa: PLC0415
+        from sslvit.train import batch_sharding, fit, make_mesh, memory_report, prefetch_to_device, replicated  # noqa: PLC0415
 
         cfg = self.config
         mesh = make_mesh()
         rep = replicated(mesh)
         ckpt = Checkpointer(self.run_dir.checkpoints, max_to_keep=cfg.keep_checkpoints)
+        batches = None
         try:
             latest = ckpt.latest_step()
             state, train_step = self.build(mesh, cfg.steps)
@@ -385,6 +386,8 @@ class TrainingStage(Stage):
                 writer.close()
             train_seconds = time.perf_counter() - t0
         finally:
+            if batches is not None:
+                batches.close()
             ckpt.close()
 
         ips = last.get("images_per_sec")

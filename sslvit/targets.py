@@ -159,6 +159,11 @@ class Target(abc.ABC):
     def num_outputs(self) -> int:
         """Width of the prediction head."""
 
+    @property
+    def fits(self) -> bool:
+        """Whether the target has a state of its own to fit on images (a codebook); else `fit` returns {}."""
+        return type(self).fit is not Target.fit
+
     def fit(
         self, images_iterator: Iterable[Any], *, rng: np.random.Generator | int, num_samples: int | None = None
     ) -> State:
@@ -432,15 +437,18 @@ def fit_or_load(
     """Load the tokenizer at `cfg['path']` if set, else fit one; save it to `run_dir/tokenizer.npz`.
 
     `images_iterator` may be a zero-argument callable returning the iterator, so no data pipeline is
-    built when a saved tokenizer is loaded. `key` names the loaded file in messages (`Target.load`).
+    built when a saved tokenizer is loaded or the target fits nothing. `key` names the loaded file in messages
+    (`Target.load`).
     """
     path = cfg.get("path") if isinstance(cfg, Mapping) or hasattr(cfg, "get") else None
     if path:
         state = target.load(Path(str(path)).expanduser(), key=key)
         logger.info("target %s: loaded state from %s", target.name, path)
-    else:
+    elif target.fits:
         images = images_iterator() if callable(images_iterator) else images_iterator
         state = target.fit(images, rng=seed)
+    else:
+        state = target.fit((), rng=seed)
     if run_dir is not None:
         out = Path(run_dir) / TOKENIZER_FILENAME
         if not (path and out.exists() and out.resolve() == Path(str(path)).expanduser().resolve()):

@@ -162,35 +162,81 @@ def to_global(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
-def prefetch_to_device(
-    host_batches: Iterator[Mapping[str, np.ndarray]], sharding: NamedSharding, size: int = 2
-) -> Iterator[dict]:
-    """Prepare and transfer the next batches in a background thread while the device computes."""
-    q: queue.Queue = queue.Queue(maxsize=size)
-    done = object()
-    stop = threading.Event()
+class DevicePrefetcher(Iterator[dict]):
+    """The next `size` batches prepared and transferred in a background thread, started at construction. An error
+    of the host iterator is raised by the `next` that would have returned its batch.
 
-    def producer():
+    `close()` stops the thread and waits for it: the host iterator is closed in that thread, so a tf.data iterator
+    is torn down before the process can exit. (A thread still inside TensorFlow's C++ code when Python finalises is
+    ended by the interpreter as it comes back, which aborts the whole process: "terminate called ... exception not
+    rethrown".) The thread also ends by itself when the iterator does."""
+
+    _DONE = object()
+
+    def __init__(self, host_batches: Iterator[Mapping[str, np.ndarray]], sharding: NamedSharding, size: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=size)
+        self._stop = threading.Event()
+        self._finished = False
+        self._thread = threading.Thread(target=self._produce, args=(host_batches, sharding), daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self, host_batches, sharding) -> None:
         try:
             for batch in host_batches:
-                if stop.is_set():
+                if not self._put(to_global(batch, sharding)):
                     return
-                q.put(to_global(batch, sharding))
-            q.put(done)
+            self._put(self._DONE)
         except BaseException as e:  # surface the error in the consumer
-            q.put(e)
+            self._put(e)
+        finally:
+            close = getattr(host_batches, "close", None)  # a generator: its pipeline goes now, in this thread
+            if close is not None:
+                close()
 
-    threading.Thread(target=producer, daemon=True).start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
+    def __iter__(self) -> DevicePrefetcher:
+        return self
+
+    def __next__(self) -> dict:
+        if self._finished:
+            raise StopIteration
+        item = self._queue.get()
+        if item is self._DONE:
+            self._finished = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._finished = True
+            raise item
+        return item
+
+    def close(self, timeout: float = 120.0) -> None:
+        """Stop the thread and wait for it (at most `timeout` seconds: a batch being read is finished first)."""
+        self._stop.set()
+        self._finished = True
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("the input thread did not stop within %.0f s", timeout)
+
+    def __enter__(self) -> DevicePrefetcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def prefetch_to_device(
+    host_batches: Iterator[Mapping[str, np.ndarray]], sharding: NamedSharding, size: int = 2
+) -> DevicePrefetcher:
+    """Prepare and transfer the next batches in a background thread while the device computes (`DevicePrefetcher`)."""
+    return DevicePrefetcher(host_batches, sharding, size)
 
 
 # ------------------------------------------------------------------------------------------------ the loop

@@ -172,3 +172,39 @@ def test_bad_optimizer_config(key, value, match):
     cfg = dict(OPTIM, **{key: value})
     with pytest.raises(ConfigError, match=match):
         make_optimizer(OmegaConf.create(cfg), {"w": jnp.zeros(2)}, total_steps=10)
+
+
+def test_device_prefetcher_close_stops_its_thread_and_closes_the_host_iterator():
+    """`close()` returns only once the input thread has ended and the host iterator (a generator over an endless
+    pipeline) was closed in it: nothing of the input pipeline runs on while the process exits. Batches arrive in
+    order and an error of the host iterator reaches the consumer."""
+    from sslvit.train import batch_sharding, make_mesh, prefetch_to_device
+
+    closed = []
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                yield {"x": np.full((8, 2), i, np.float32)}
+                i += 1
+        finally:
+            closed.append(True)
+
+    sharding = batch_sharding(make_mesh())
+    batches = prefetch_to_device(endless(), sharding)
+    assert [float(next(batches)["x"][0, 0]) for _ in range(5)] == [0, 1, 2, 3, 4]
+    batches.close()
+    assert closed == [True] and not batches._thread.is_alive()
+    with pytest.raises(StopIteration):
+        next(batches)
+
+    def failing():
+        yield {"x": np.zeros((8, 2), np.float32)}
+        raise ValueError("image 7 cannot be decoded")
+
+    with prefetch_to_device(failing(), sharding) as batches:
+        next(batches)
+        with pytest.raises(ValueError, match="image 7"):
+            next(batches)
+    assert not batches._thread.is_alive()

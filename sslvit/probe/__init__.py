@@ -268,17 +268,17 @@ class LinearProbe(Stage):
             return update(p, s, x, batch["label"])
 
         step = jax.jit(step, donate_argnums=(0, 1), out_shardings=(rep, rep, rep))
-        batches = prefetch_to_device(it, batch_sharding(mesh))
         bar = tqdm(
             range(total),
             desc="linear probe (augmented)",
             dynamic_ncols=True,
             disable=not (c.progress and is_main_process()),
         )
-        for i in bar:
-            params, opt_state, loss = step(params, opt_state, variables, next(batches))
-            if (i + 1) % it.steps_per_epoch == 0:
-                bar.set_postfix(loss=f"{float(loss) / num_layers:.4f}")
+        with prefetch_to_device(it, batch_sharding(mesh)) as batches:
+            for i in bar:
+                params, opt_state, loss = step(params, opt_state, variables, next(batches))
+                if (i + 1) % it.steps_per_epoch == 0:
+                    bar.set_postfix(loss=f"{float(loss) / num_layers:.4f}")
         return jax.device_get(params)
 
 
