@@ -18,8 +18,9 @@ Compiled steps persist (`enable_compile_cache`). The scripts keep JAX's persiste
 again with the same step (a resume, a requeue, the next job of a sweep, the next script on the same encoder) loads
 the executable instead of compiling it: on a 2-core CPU the default pretraining step takes 13-17 s to compile and
 1.6-2.3 s to trace, lower and load from the cache. The executables are the same either way (JAX keys them by the
-lowered program, devices, compile options and versions), so results do not change. `JAX_COMPILATION_CACHE_DIR` chooses another dir, and set empty turns the cache off;
-`JAX_COMPILATION_CACHE_MAX_SIZE` (bytes, -1 unlimited) another size.
+lowered program, devices, compile options and versions), so results do not change. `JAX_COMPILATION_CACHE_DIR`
+chooses another dir, and set empty turns the cache off; `JAX_COMPILATION_CACHE_MAX_SIZE` (bytes, -1 unlimited)
+another size.
 """
 
 from __future__ import annotations
