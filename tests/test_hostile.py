@@ -46,11 +46,14 @@ MICRO = [
 
 # ------------------------------------------------------------------------------------------------ helpers
 @pytest.fixture(scope="module")
-def env() -> dict:
-    """The scripts' environment: the session's persistent compilation cache (tests/conftest.py), also for the
-    step's smaller programs."""
+def env(tmp_path_factory) -> dict:
+    """The scripts' environment: JAX's persistent compilation cache shared by this file's processes."""
     return dict(
-        os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"
+        os.environ,
+        TF_CPP_MIN_LOG_LEVEL="3",
+        PYTHONUNBUFFERED="1",
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     )
 
 

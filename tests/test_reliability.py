@@ -50,12 +50,15 @@ MICRO = [*PIXEL[:-1], "target.vocab_size=16", "target.num_samples=2000", "target
 
 
 @pytest.fixture(scope="module")
-def env() -> dict:
-    """The subprocesses' environment: the session's persistent compilation cache (tests/conftest.py), also for the
-    step's smaller programs (a process that finds its train step there starts ~10 s sooner; results are the same
-    executables' either way)."""
+def env(tmp_path_factory) -> dict:
+    """The subprocesses' environment: JAX's persistent compilation cache shared by this file's runs (a process
+    that finds its train step there starts ~10 s sooner; results are the same executables' either way)."""
     return dict(
-        os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"
+        os.environ,
+        TF_CPP_MIN_LOG_LEVEL="3",
+        PYTHONUNBUFFERED="1",
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     )
 
 
