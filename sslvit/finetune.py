@@ -161,7 +161,15 @@ class Finetuning(TrainingStage):
     def train_batches(self, start_step: int):
         keys = ("index",) if self.device_data is not None else ("image", "label")
         batches = self.input_batches(start_step, image_size=self.image_size, crop_scale=self.ft.crop_scale)
-        return ({k: b[k] for k in keys} for b in batches)
+
+        def selected():
+            try:
+                for b in batches:
+                    yield {k: b[k] for k in keys}
+            finally:  # closed when the stage ends: the input iterator's threads stop with it
+                data_lib.close_iterator(batches)
+
+        return selected()
 
     def batch_spec(self):
         s, b = self.image_size, self.batch_size

@@ -173,9 +173,12 @@ class Pretraining(TrainingStage):
         inputs = self.input_batches(start_step, image_size=self.image_size)
 
         def with_masks():
-            for step, batch in enumerate(inputs, start=start_step):
-                rng = np.random.default_rng([seed, step, process])
-                yield {**{k: v for k, v in batch.items() if k != "label"}, "mask": self.sampler(rng, n)}
+            try:
+                for step, batch in enumerate(inputs, start=start_step):
+                    rng = np.random.default_rng([seed, step, process])
+                    yield {**{k: v for k, v in batch.items() if k != "label"}, "mask": self.sampler(rng, n)}
+            finally:  # closed when the stage ends: the input iterator's threads stop with it
+                data_lib.close_iterator(inputs)
 
         return with_masks()
 

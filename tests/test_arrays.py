@@ -207,7 +207,19 @@ def test_pretrain_probe_and_finetune_run_with_tensorflow_blocked(cifar10_arrays,
         TF_CPP_MIN_LOG_LEVEL="3",
     )
     proc = subprocess.run(
-        [sys.executable, str(WORKERS / "no_tensorflow.py"), str(cifar10_arrays), str(tmp_path)],
+        [
+            sys.executable,
+            str(WORKERS / "no_tensorflow.py"),
+            json.dumps(
+                [
+                    "data=cifar10_arrays",
+                    f"data.path={cifar10_arrays}",
+                    "data.train_split='train[:512]'",
+                    "data.test_split='test[:100]'",
+                ]
+            ),
+            str(tmp_path),
+        ],
         env=env,
         capture_output=True,
         text=True,

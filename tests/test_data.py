@@ -1,4 +1,4 @@
-"""Tests for sslvit.data: the tf.data input pipeline (tfds and image-folder sources).
+"""Tests for sslvit.data: the input pipelines (tf.data for tfds and image folders, Pillow's for image folders).
 
 Integration tests read the real CIFAR-10 from $TFDS_DATA_DIR (skipped with the reason when it is not there);
 unit tests use tfds.testing.mock_data and small image folders written into tmp_path.
@@ -336,12 +336,18 @@ def folder_cfg(root, **overrides):
     return cfg
 
 
+@pytest.fixture(params=["pil", "tf"])
+def pipeline(request):
+    """Both pipelines that read image files (data.pipeline): Pillow's (the folder default) and tf.data's."""
+    return request.param
+
+
 def _reddish(images):  # normalised images -> True where red dominates blue (a 'cat')
     return images[..., 0].mean(axis=(1, 2)) > images[..., 2].mean(axis=(1, 2))
 
 
-def test_folder_labels_class_names_and_eval(folder):
-    cfg = folder_cfg(folder)
+def test_folder_labels_class_names_and_eval(folder, pipeline):
+    cfg = folder_cfg(folder, pipeline=pipeline)
     info = data.dataset_info(cfg)
     assert info.class_names == ("cat", "dog") and info.num_classes == 2
     assert (info.num_train, info.num_test, info.num_skipped) == (20, 10, 0)
@@ -362,8 +368,8 @@ def test_folder_labels_class_names_and_eval(folder):
 
 
 @pytest.mark.parametrize("cache", [False, True])
-def test_folder_deterministic_and_resumable(folder, cache):
-    cfg = folder_cfg(folder, cache=cache)
+def test_folder_deterministic_and_resumable(folder, cache, pipeline):
+    cfg = folder_cfg(folder, cache=cache, pipeline=pipeline)
     fresh = take(data.make_train_iterator(cfg, batch_size=8, image_size=16, seed=5, **ONE), 5)
     again = take(data.make_train_iterator(cfg, batch_size=8, image_size=16, seed=5, **ONE), 5)
     for x, y in zip(fresh, again):
@@ -372,7 +378,7 @@ def test_folder_deterministic_and_resumable(folder, cache):
     assert not np.array_equal(other["image"], fresh[0]["image"])
     one_thread = take(
         data.make_train_iterator(
-            folder_cfg(folder, cache=cache, threads=1), batch_size=8, image_size=16, seed=5, **ONE
+            folder_cfg(folder, cache=cache, threads=1, pipeline=pipeline), batch_size=8, image_size=16, seed=5, **ONE
         ),
         2,
     )  # a private pool of 1 thread
@@ -385,13 +391,13 @@ def test_folder_deterministic_and_resumable(folder, cache):
             np.testing.assert_array_equal(batch["label"], fresh[k + j]["label"])
 
 
-def test_folder_full_crop_is_identity_or_mirror(tmp_path):
+def test_folder_full_crop_is_identity_or_mirror(tmp_path, pipeline):
     ramp = np.tile(np.linspace(0, 255, 16, dtype=np.uint8)[None, :, None], (16, 1, 3))
     for i in range(8):
         path = tmp_path / "train" / "a" / f"{i}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.roll(ramp, i, axis=0)).save(path)
-    cfg = folder_cfg(tmp_path, eval_crop_pct=1.0)  # plain transform = the 16 x 16 image itself
+    cfg = folder_cfg(tmp_path, eval_crop_pct=1.0, pipeline=pipeline)  # plain transform = the 16 x 16 image itself
     kwargs = dict(batch_size=8, image_size=16, seed=0, **ONE)
     aug = next(data.make_train_iterator(cfg, crop_scale=(1.0, 1.0), **kwargs))["image"]
     plain = next(data.make_train_iterator(cfg, augment=False, **kwargs))["image"]
@@ -415,9 +421,9 @@ def test_folder_corrupt_image_error_names_the_file(folder):
     assert "data.on_corrupt=skip" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_folder_corrupt_images_skipped_and_counted(folder):
+def test_folder_corrupt_images_skipped_and_counted(folder, pipeline):
     bad = _corrupt(folder)
-    cfg = folder_cfg(folder, on_corrupt="skip")
+    cfg = folder_cfg(folder, on_corrupt="skip", pipeline=pipeline)
     info = data.dataset_info(cfg)
     assert info.num_skipped == 2 and str(bad) in info.skipped_files
     assert (info.num_train, info.num_test) == (20, 10)
@@ -499,10 +505,10 @@ def test_folder_manifest_where_the_data_is_not_writable(folder, tmp_path, monkey
 
 
 @pytest.mark.parametrize("verify", [False, True])
-def test_folder_image_failing_to_decode_is_named(folder, verify):
+def test_folder_image_failing_to_decode_is_named(folder, verify, pipeline):
     """An image that fails to decode in the pipeline (not checked: data.verify_images=false; or changed after the
     check) stops training and evaluation with one line naming it."""
-    cfg = folder_cfg(folder, verify_images=verify)
+    cfg = folder_cfg(folder, verify_images=verify, pipeline=pipeline)
     data.dataset_info(cfg)  # checked (verify=true) while still intact
     bad = folder / "test" / "dog" / "3.png"
     bad.write_bytes(bad.read_bytes()[:40])  # truncated after the check
@@ -520,8 +526,8 @@ def test_folder_image_failing_to_decode_is_named(folder, verify):
         take(data.make_train_iterator(cfg, batch_size=4, image_size=16, seed=0, **ONE), 10)
 
 
-def test_folder_split_slices_and_shards(folder):
-    cfg = folder_cfg(folder, train_split="train[:50%]")
+def test_folder_split_slices_and_shards(folder, pipeline):
+    cfg = folder_cfg(folder, train_split="train[:50%]", pipeline=pipeline)
     assert data.dataset_info(cfg).num_train == 10
     ev = [
         list(data.make_eval_iterator(cfg, "train", batch_size=4, image_size=8, process_index=i, process_count=3))
@@ -549,3 +555,122 @@ def test_folder_bad_layouts(tmp_path, folder):
         data.dataset_info(folder_cfg(folder, num_classes=3, test_split="missing"))
     with pytest.raises(ConfigError, match="does not exist"):
         data.make_eval_iterator(folder_cfg(folder, test_split="missing"), batch_size=4, image_size=8, **ONE)
+
+
+# ------------------------------------------------------------------------------------------------ Pillow pipeline
+
+
+def test_pil_rrc_window_fits_and_covers_the_scale_range():
+    from sslvit.data.pil_iterators import rrc_window
+
+    for h, w in ((32, 32), (480, 640), (300, 200)):
+        windows = np.array([rrc_window(np.random.default_rng([7, i]), h, w, (0.2, 1.0)) for i in range(512)])
+        y, x, hh, ww = windows.T
+        assert (y >= 0).all() and (x >= 0).all() and (y + hh <= h).all() and (x + ww <= w).all()
+        frac = hh * ww / (h * w)
+        assert frac.min() > 0.15 and frac.max() <= 1.0 and frac.std() > 0.1
+        aspect = ww / hh
+        assert (aspect > 0.6).all() and (aspect < 1.6).all()
+        assert len({(a, b) for a, b in zip(y, x)}) > 100  # positions vary
+    # 50 x 500: no draw fits (aspects are within [3/4, 4/3]): the central crop, its aspect clipped to 4/3
+    assert {rrc_window(np.random.default_rng(i), 50, 500, (0.2, 1.0)) for i in range(20)} == {(0, 216, 50, 67)}
+
+
+def test_pil_reduced_jpeg_decode_matches_a_full_decode(tmp_path):
+    """A large JPEG resampled to a small size is decoded at a reduced DCT scale: what comes out matches a full-size
+    decode resized with the same window to within a few levels (both antialiased)."""
+    from sslvit.data.pil_iterators import center_window, load_window
+
+    yy, xx = np.mgrid[0:480, 0:640]
+    img = np.stack([128 + 100 * np.sin(xx / 40), 128 + 100 * np.cos(yy / 30), (xx + yy) * 0.15 + 40], -1)
+    path = tmp_path / "big.jpg"
+    Image.fromarray(img.astype(np.uint8)).save(path, quality=95)
+    window = lambda h, w: center_window(h, w, 32, 0.875)  # noqa: E731
+    fast = load_window(str(path), 32, window).astype(float)
+    with Image.open(path) as im:  # the full decode: no draft
+        full = np.asarray(im.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR, box=_box(window(480, 640))))
+    assert fast.shape == (32, 32, 3)
+    assert np.abs(fast - full).mean() < 2.0 and np.abs(fast - full).max() < 16
+    # A window smaller than S x S in the reduced image is never what is resampled: 1/8 would be 60 x 80 here
+    crop = load_window(str(path), 200, lambda h, w: (0, 0, 200, 200)).astype(float)
+    np.testing.assert_allclose(crop, img[:200, :200], atol=12)
+
+
+def _box(t):
+    top, left, bottom, right = t
+    return left, top, right, bottom
+
+
+def test_pil_and_tf_pipelines_read_the_same_files_in_the_same_order(folder):
+    """The two pipelines share the epoch order (seeded by (seed, epoch, process)): the same labels batch after batch;
+    evaluation images agree to within resampling differences."""
+    kwargs = dict(batch_size=4, image_size=16, seed=3, **ONE)
+    pil = take(data.make_train_iterator(folder_cfg(folder, pipeline="pil"), **kwargs), 6)
+    tf = take(data.make_train_iterator(folder_cfg(folder, pipeline="tf"), **kwargs), 6)
+    for a, b in zip(pil, tf):
+        np.testing.assert_array_equal(a["label"], b["label"])
+    ev = [
+        list(data.make_eval_iterator(folder_cfg(folder, pipeline=p), batch_size=4, image_size=16, **ONE))
+        for p in ("pil", "tf")
+    ]
+    for a, b in zip(*ev):
+        np.testing.assert_array_equal(a["label"], b["label"])
+        np.testing.assert_array_equal(a["valid"], b["valid"])
+        assert np.abs(a["image"] - b["image"]).mean() < 0.05  # normalised units: ~3 levels of 255
+
+
+def test_pil_pipeline_threads_stop_on_close(folder):
+    import threading
+
+    def decoding():
+        return [t for t in threading.enumerate() if t.name.startswith("sslvit-decode")]
+
+    before = len(decoding())
+    it = data.make_train_iterator(folder_cfg(folder), batch_size=4, image_size=16, seed=0, **ONE)
+    next(it)
+    assert len(decoding()) > before
+    it.close()
+    assert len(decoding()) == before
+    ev = data.make_eval_iterator(folder_cfg(folder), batch_size=4, image_size=16, **ONE)
+    assert len(list(ev)) == 3 and len(decoding()) == before  # a finished pass stops its threads itself
+
+
+def test_pipeline_pil_is_refused_for_tfds_records():
+    with pytest.raises(ConfigError, match="data.pipeline=pil decodes image files") as err:
+        data.DataConfig.from_cfg(cifar_cfg(pipeline="pil"))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="data.pipeline"):
+        data.DataConfig.from_cfg(cifar_cfg(pipeline="opencv"))
+
+
+@pytest.mark.slow
+def test_folder_stages_run_with_tensorflow_blocked(tmp_path):
+    """On a host with only the JAX stack, pretraining, probe and fine-tuning run on an image folder (the Pillow
+    pipeline), loading no TensorFlow module."""
+    import json
+    import subprocess
+    import sys
+
+    from test_distributed import WORKERS
+
+    root = tmp_path / "images"
+    for split, count in (("train", 64), ("test", 32)):
+        for cls, color in (("cat", (220, 30, 30)), ("dog", (30, 30, 220))):
+            for i in range(count):
+                _write(root / split / cls / f"{i}.jpg", color, ((40, 30), (24, 24), (30, 50))[i % 3], "JPEG")
+    env = dict(os.environ, PYTHONPATH=f"{WORKERS.parent}{os.pathsep}{WORKERS.parents[1]}", JAX_PLATFORMS="cpu")
+    overrides = ["data=folder", f"data.path={root}", "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]"]
+    proc = subprocess.run(
+        [sys.executable, str(WORKERS / "no_tensorflow.py"), json.dumps(overrides), str(tmp_path / "runs")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads([s for s in proc.stdout.splitlines() if s.startswith("RESULT ")][-1][len("RESULT ") :])
+    assert out["tensorflow_modules"] == []
+    pre, probe, ft = out["results"]["pretrain"], out["results"]["probe"], out["results"]["finetune"]
+    assert pre["steps"] == 4 and np.isfinite(pre["train_loss"]) and pre["test_batches"] == 2
+    assert probe["num_train"] == 128 and probe["num_test"] == 64 and probe["best_top1"] > 0.9  # red vs blue
+    assert ft["steps"] == 4 and np.isfinite(ft["train_loss"]) and ft["test_examples"] == 64

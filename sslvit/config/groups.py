@@ -37,6 +37,7 @@ DROP_PATH_SCHEDULES = ("constant", "linear")  # per-layer drop-path rates (sslvi
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ON_CORRUPT = ("error", "skip")
+PIPELINES = ("pil", "tf")  # how image files are decoded and augmented (data.pipeline)
 _UNIT = "per-channel values in [0, 1] pixel units (divide 0-255 statistics by 255)"
 
 
@@ -132,8 +133,12 @@ class DataConfig(Group):
     eval_crop_pct: float = key(Number(ge=0.25, le=1), 1.0, hint="e.g. 1.0 (CIFAR) or 0.875 (ImageNet)")
     flip: bool = key(Boolean(), True)  # random horizontal flip when augmenting
     cache: bool = key(Boolean(), False)  # keep the decoded split in memory (small datasets)
-    # tf.data threads of this process's pipelines: a private pool of that many (e.g. the cores per GPU when several
-    # processes share a host); null: TensorFlow's shared pool over all cores
+    # How image files are decoded and augmented: pil (Pillow in a thread pool, no TensorFlow;
+    # sslvit/data/pil_iterators.py) or tf (tf.data; sslvit/data/iterators.py); null: the source's own (folder: pil;
+    # tfds records: tf)
+    pipeline: str | None = key(Optional(Choice(PIPELINES), "null (the source's own)"), None)
+    # Decoding threads of this process's pipelines (tf.data: a private pool of that many; e.g. the cores per GPU when
+    # several processes share a host); null: all cores
     threads: int | None = key(Optional(Integer(min=1), "null (all cores)"), None)
     download: bool = key(Boolean(), True)  # try tfds download_and_prepare when the dataset is not prepared
     on_corrupt: str = key(
@@ -157,6 +162,11 @@ class DataConfig(Group):
         from sslvit.data.sources import SOURCES  # noqa: PLC0415  (the sources import this module)
 
         SOURCES.get(self.source_name)
+        if self.pipeline == "pil" and self.source_name == "tfds":
+            raise ConfigError(
+                f"{self.dotted('pipeline')}=pil decodes image files, but data.source=tfds reads TFRecords; set "
+                f"{self.dotted('pipeline')}=tf or null, or use data=folder for image files"
+            )
 
     @property
     def source_name(self) -> str:

@@ -5,14 +5,16 @@
   `tfds.py` (tensorflow-datasets by name), `folder.py` (image folders) and `arrays.py` (`.npz` arrays in memory);
 - `transforms.py`: TensorFlow image transforms (random-resized crop, flip, centre crop, normalisation);
 - `iterators.py`: deterministic, resumable, per-process training batches and padded evaluation passes (tf.data);
+- `pil_iterators.py`: the same for image files, decoded with Pillow in a thread pool (the folder source's default);
 - `ondevice.py`: the same transforms in JAX, and `DeviceData`, a training split kept on the accelerator and
   augmented inside the train step (the arrays source's training path);
 - `materialize.py`: `python -m sslvit.data.materialize <tfds name> <dir>` writes a dataset as arrays.
 
 Importing the package (or its config and sources) does not import TensorFlow: the tf.data modules load when
 an iterator or a transform is first used (`make_train_iterator`, `make_eval_iterator`, ...), and then keep
-TensorFlow quiet and off every GPU (sslvit/data/_tf.py). The arrays source never imports it: its iterators are
-numpy and JAX, so pretraining, probe and fine-tuning run where only the JAX stack is installed.
+TensorFlow quiet and off every GPU (sslvit/data/_tf.py). The arrays source never imports it (its iterators are
+numpy and JAX), nor does the folder source with its default Pillow pipeline: pretraining, probe and fine-tuning on
+arrays or image folders run where only the JAX stack is installed.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ _LAZY = {
 
 def _iterators(cfg: Any):
     """The module that makes batches for the config's source (tf.data unless the source brings its own)."""
-    return importlib.import_module(SOURCES.get(DataConfig.from_cfg(cfg).source_name).iterators)
+    dc = DataConfig.from_cfg(cfg)
+    return importlib.import_module(SOURCES.get(dc.source_name).iterators_for(dc))
 
 
 def make_train_iterator(cfg: Any, **kwargs: Any):
@@ -64,6 +67,14 @@ def make_eval_iterator(cfg: Any, split: str | None = None, **kwargs: Any):
     """One padded pass over this process's shard of `split` (default data.test_split), no augmentation
     (sslvit/data/iterators.py; for the arrays source sslvit/data/arrays.py, without TensorFlow)."""
     return _iterators(cfg).make_eval_iterator(cfg, split, **kwargs)
+
+
+def close_iterator(batches: Any) -> None:
+    """Stop an input iterator's work (the Pillow pipeline's decoding threads, a generator's pipeline); nothing for
+    an iterator without `close`."""
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
 
 
 def __getattr__(name: str) -> Any:
@@ -91,6 +102,7 @@ __all__ = [
     "augment_example",
     "center_crop_resize",
     "check_crop_scale",
+    "close_iterator",
     "create_source",
     "dataset_info",
     "make_eval_iterator",

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from sslvit.config.checks import Integer
 from sslvit.config.groups import IMAGENET_MEAN, IMAGENET_STD, ON_CORRUPT, DataConfig, check_crop_scale
 from sslvit.errors import ConfigError
@@ -31,6 +33,26 @@ def processes(process_index: int | None, process_count: int | None) -> tuple[int
     if process_index >= process_count:
         raise ConfigError(f"process_index={process_index} must be < process_count={process_count}")
     return process_index, process_count
+
+
+def epoch_seeds(seed: int, epoch: int, process_index: int) -> tuple[int, int, int]:
+    """(shuffle buffer, file order, augmentation) seeds of one training epoch on one process: independent streams,
+    the same in every pipeline that reads files."""
+    a, b, c = np.random.SeedSequence([seed, epoch, process_index]).generate_state(3, dtype=np.uint32)
+    return int(a), int(b), int(c)
+
+
+def undecodable_message(path: str, why: str, dc: DataConfig) -> str:
+    """The one line naming an image file that fails to decode while training or evaluating."""
+    if dc.verify_images:  # it changed after the check, or the decoder rejects what the check accepted
+        return (
+            f"image '{path}' cannot be decoded ({why}) though it passed the start-up check; fix "
+            "or delete it (a new start checks a changed file again)"
+        )
+    return (
+        f"image '{path}' cannot be decoded ({why}); fix or delete it, or set "
+        "data.verify_images=true data.on_corrupt=skip to leave such files out"
+    )
 
 
 def check_num_classes(dc: DataConfig, actual: int) -> None:
@@ -86,6 +108,8 @@ __all__ = [
     "check_classes",
     "check_crop_scale",
     "check_num_classes",
+    "epoch_seeds",
     "one_line",
     "processes",
+    "undecodable_message",
 ]

@@ -148,6 +148,10 @@ class FolderSource(Source):
 
     fixed_shape = None
 
+    @classmethod
+    def iterators_for(cls, dc: DataConfig) -> str:
+        return cls.iterators if dc.pipeline == "tf" else "sslvit.data.pil_iterators"
+
     def __init__(self, dc: DataConfig):
         super().__init__(dc)
         if dc.path is None:
@@ -312,7 +316,9 @@ class FolderSource(Source):
         sl = self._shard_range(n, index, count, drop_remainder)
         return sl.stop - sl.start
 
-    def _shard(self, split, index, count, drop_remainder, order_seed) -> tuple[np.ndarray, np.ndarray]:
+    def file_shard(self, split, index, count, drop_remainder, order_seed) -> tuple[np.ndarray, np.ndarray]:
+        """(paths as bytes, int32 labels) of process `index`'s shard of `split`, in the canonical order or, with
+        `order_seed`, a permutation of it."""
         data = self._split(split, "split")
         sl = self._shard_range(len(data.paths), index, count, drop_remainder)
         paths, labels = data.paths[sl], data.labels[sl]
@@ -322,12 +328,12 @@ class FolderSource(Source):
         return paths, labels
 
     def files(self, split, index, count, drop_remainder, order_seed):
-        return [os.fsdecode(p) for p in self._shard(split, index, count, drop_remainder, order_seed)[0]]
+        return [os.fsdecode(p) for p in self.file_shard(split, index, count, drop_remainder, order_seed)[0]]
 
     def examples(self, split, index, count, drop_remainder, order_seed):
         from sslvit.data._tf import AUTOTUNE, no_autograph, tf  # noqa: PLC0415
 
-        paths, labels = self._shard(split, index, count, drop_remainder, order_seed)
+        paths, labels = self.file_shard(split, index, count, drop_remainder, order_seed)
         ds = tf.data.Dataset.from_tensor_slices({"image": paths, "label": labels})
         ds = ds.map(
             no_autograph(lambda ex: {"image": tf.io.read_file(ex["image"]), "label": ex["label"]}),

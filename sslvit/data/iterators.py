@@ -12,11 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
-
 from sslvit.config.checks import Integer
 from sslvit.data._tf import AUTOTUNE, no_autograph, tf
-from sslvit.data.config import DataConfig, check_crop_scale, one_line, processes
+from sslvit.data.config import DataConfig, check_crop_scale, epoch_seeds, one_line, processes, undecodable_message
 from sslvit.data.sources import create_source
 from sslvit.data.transforms import augment_batch, augment_example, center_crop_resize, normalize, options
 from sslvit.errors import ConfigError
@@ -33,23 +31,8 @@ def undecodable(candidates: Sequence[str] | None, error: Exception, dc: DataConf
         try:
             tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
         except (tf.errors.OpError, ValueError) as e:
-            why = one_line(getattr(e, "message", e), 120)
-            if dc.verify_images:  # it changed after the check, or PIL accepts what TensorFlow does not
-                return ConfigError(
-                    f"image '{path}' cannot be decoded ({why}) though it passed the start-up check; fix "
-                    "or delete it (a new start checks a changed file again)"
-                )
-            return ConfigError(
-                f"image '{path}' cannot be decoded ({why}); fix or delete it, or set "
-                "data.verify_images=true data.on_corrupt=skip to leave such files out"
-            )
+            return ConfigError(undecodable_message(path, one_line(getattr(e, "message", e), 120), dc))
     return error
-
-
-def _epoch_seeds(seed: int, epoch: int, process_index: int) -> tuple[int, int, int]:
-    """(shuffle buffer, file order, augmentation) seeds of one epoch on one process: independent streams."""
-    a, b, c = np.random.SeedSequence([seed, epoch, process_index]).generate_state(3, dtype=np.uint32)
-    return int(a), int(b), int(c)
 
 
 class TrainIterator(Iterator[dict]):
@@ -172,7 +155,7 @@ def make_train_iterator(
     fixed = source.fixed_shape
 
     def epoch_dataset(epoch: int, offset: int) -> tf.data.Dataset:
-        shuffle_seed, order_seed, aug_seed = _epoch_seeds(seed, epoch, pi)
+        shuffle_seed, order_seed, aug_seed = epoch_seeds(seed, epoch, pi)
         if base is not None:
             ds, shuffled = base, False
         else:
@@ -214,7 +197,7 @@ def make_train_iterator(
         if base is not None:  # cached, then shuffled: any file read so far, in the order they were read
             files = source.files(dc.train_split, pi, pc, True, None)
             return undecodable(files and files[: (offset + 1) * batch_size + buffer], error, dc)
-        files = source.files(dc.train_split, pi, pc, True, _epoch_seeds(seed, epoch, pi)[1])
+        files = source.files(dc.train_split, pi, pc, True, epoch_seeds(seed, epoch, pi)[1])
         return undecodable(files and files[offset * batch_size : (offset + LOOKAHEAD_BATCHES) * batch_size], error, dc)
 
     return TrainIterator(epoch_dataset, steps_per_epoch, start_step, n, explain)

@@ -12,7 +12,7 @@ A source describes a dataset (`info`, read from metadata without a pass over the
 process's shard of a split as a tf.data pipeline of `{'image': encoded bytes or uint8 (H, W, 3), 'label': int32}`;
 sslvit/data/iterators.py turns that into training and evaluation batches. A source may bring its own iterators
 instead (`iterators`: the module whose `make_train_iterator` / `make_eval_iterator` serve it; the arrays source's
-are numpy and JAX).
+are numpy and JAX; the folder source's are Pillow's unless `data.pipeline=tf`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ class Source:
 
     def __init__(self, dc: DataConfig):
         self.dc = dc
+
+    @classmethod
+    def iterators_for(cls, dc: DataConfig) -> str:
+        """The module making batches for this source under `dc` (`data.pipeline` may choose among several)."""
+        return cls.iterators
 
     def split_size(self, split: str, index: int, count: int, drop_remainder: bool) -> int:
         raise NotImplementedError

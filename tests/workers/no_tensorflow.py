@@ -1,7 +1,7 @@
-"""Pretraining, linear probe and fine-tuning on the arrays source with TensorFlow and tensorflow-datasets blocked
-from import, as on a host that has only the JAX stack. Runs as `python tests/workers/no_tensorflow.py <arrays dir>
-<out dir>` with tests/ and the repository on PYTHONPATH; reports the stages' results and the TensorFlow modules
-that were loaded (none may be)."""
+"""Pretraining, linear probe and fine-tuning with TensorFlow and tensorflow-datasets blocked from import, as on a host
+that has only the JAX stack. Runs as `python tests/workers/no_tensorflow.py '<data overrides as a JSON list>' <out
+dir>` (the arrays source, or an image folder with its default Pillow pipeline) with tests/ and the repository on
+PYTHONPATH; reports the stages' results and the TensorFlow modules that were loaded (none may be)."""
 
 from __future__ import annotations
 
@@ -28,8 +28,7 @@ from sslvit.finetune import finetune
 from sslvit.pretraining import pretrain
 from sslvit.probe import linear_probe
 
-arrays, out = sys.argv[1], Path(sys.argv[2])
-data = ["data=cifar10_arrays", f"data.path={arrays}", "data.train_split='train[:512]'", "progress=false"]
+data, out = [*json.loads(sys.argv[1]), "progress=false"], Path(sys.argv[2])
 micro = [
     "model.dim=32",
     "model.depth=1",
@@ -54,7 +53,7 @@ results = {
 results["probe"] = linear_probe(
     compose_config(
         "linear_probe",
-        data + [f"run={out / 'pretrain'}", "data.test_split='test[:100]'", "batch_size=64", "probe.epochs=2"],
+        data + [f"run={out / 'pretrain'}", "batch_size=64", "probe.epochs=2"],
     ),
     out / "probe",
 )
