@@ -1,11 +1,12 @@
 """Input pipeline alone vs the pretraining step: is the data ever the bottleneck, and how many cores does it take?
 
-Times exactly what pretraining feeds its step: `Pretraining.train_batches` (the tf.data train iterator of
-`sslvit.data` with augmentation — decode, random-resized crop, flip, normalisation, batching — plus the mask sampler)
+Times exactly what pretraining feeds its step: `Pretraining.train_batches` (the train iterator of `sslvit.data` with
+augmentation — decode, random-resized crop, flip, normalisation, batching — plus the mask sampler; for image folders
+Pillow's pipeline by default, `--override data.pipeline=tf` for tf.data's)
 for the pretraining config with the given overrides, in images/s after a warm-up, also with the host->device copy
 (`to_global`). The CPU time per image (all threads of the process) gives the images/s one core delivers, which is
-robust to other jobs on the machine (wall-clock rates are not); `--threads` also times the pipeline in a private
-tf.data thread pool of that many threads (`data.threads`).
+robust to other jobs on the machine (wall-clock rates are not); `--threads` also times the pipeline with that many
+decoding threads (`data.threads`; tf.data: a private thread pool).
 
 The step it must feed: measured here (`throughput.py`'s pretraining step, same model and batch), given with
 `--step-images-per-sec`, or derived with `--gpu-step`: the README's measured ViT-S 18x2 pretraining step on one H200
@@ -26,9 +27,16 @@ import time
 
 import common
 
+from sslvit.data import SOURCES, DataConfig
+
 # README, Performance, GPU table: the pretraining step of ViT-S 18x2 (conf/model/small.yaml), 224 px, batch 128,
 # bfloat16, hMLP stem, block masks, k-means target of 512 codes, on one H200 (bench/results/h200_2/vits18x2.json).
 ANCHOR = {"preset": "vit_s18x2", "images_per_sec": 1269.0, "vocab": 512}
+
+
+def iterators_module(cfg) -> str:
+    dc = DataConfig.from_cfg(cfg)
+    return SOURCES.get(dc.source_name).iterators_for(dc)
 
 
 def compose(overrides):
@@ -111,7 +119,7 @@ def main():
             print(
                 f"config: data {p.data_cfg.name} ({p.data_cfg.train_split}), {p.image_size}px, batch {p.batch_size},"
                 f" mask {type(p.sampler).__name__} {p.sampler.num_masked}/{p.encoder.num_patches}, crop scale "
-                f"{list(p.data_cfg.crop_scale)}, tf.data cache={p.data_cfg.cache}"
+                f"{list(p.data_cfg.crop_scale)}, cache={p.data_cfg.cache}, batches from {iterators_module(p.data_cfg)}"
             )
         best = None
         for _ in range(args.repeats):

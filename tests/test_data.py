@@ -596,6 +596,25 @@ def test_pil_reduced_jpeg_decode_matches_a_full_decode(tmp_path):
     np.testing.assert_allclose(crop, img[:200, :200], atol=12)
 
 
+def test_pil_any_image_mode_becomes_rgb(tmp_path):
+    """Greyscale and CMYK JPEGs, palette and RGBA PNGs (all found in real datasets) come out as RGB of the right
+    colour."""
+    from sslvit.data.pil_iterators import center_window, load_window
+
+    red = Image.new("RGB", (48, 40), (200, 20, 20))
+    images = {
+        "grey.jpg": (Image.new("L", (48, 40), 120), (120, 120, 120)),
+        "cmyk.jpg": (red.convert("CMYK"), (200, 20, 20)),
+        "palette.png": (red.convert("P"), (200, 20, 20)),
+        "rgba.png": (Image.new("RGBA", (48, 40), (200, 20, 20, 128)), (200, 20, 20)),
+    }
+    for name, (im, colour) in images.items():
+        im.save(tmp_path / name)
+        out = load_window(str(tmp_path / name), 16, lambda h, w: center_window(h, w, 16, 1.0))
+        assert out.shape == (16, 16, 3) and out.dtype == np.uint8, name
+        np.testing.assert_allclose(out.reshape(-1, 3).mean(0), colour, atol=6, err_msg=name)
+
+
 def _box(t):
     top, left, bottom, right = t
     return left, top, right, bottom

@@ -9,7 +9,8 @@ processes of a multi-host run share the check: each checks every n-th file and t
 all-gather per split), so no process checks the whole split. A file that fails to decode later anyway (changed since,
 or `data.verify_images=false`) stops the run with one line naming it (sslvit/data/iterators.py).
 
-TensorFlow is imported when the examples are read, not when this module is imported.
+Batches come from Pillow's pipeline (sslvit/data/pil_iterators.py) unless `data.pipeline=tf`; then TensorFlow is
+imported when the examples are read, not when this module is imported.
 """
 
 from __future__ import annotations

@@ -51,11 +51,7 @@ results = {
     )
 }
 results["probe"] = linear_probe(
-    compose_config(
-        "linear_probe",
-        data + [f"run={out / 'pretrain'}", "batch_size=64", "probe.epochs=2"],
-    ),
-    out / "probe",
+    compose_config("linear_probe", data + [f"run={out / 'pretrain'}", "batch_size=64", "probe.epochs=2"]), out / "probe"
 )
 ft = finetune(
     compose_config(
