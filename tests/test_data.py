@@ -652,6 +652,14 @@ def test_pil_pipeline_threads_stop_on_close(folder):
     assert len(decoding()) == before
     ev = data.make_eval_iterator(folder_cfg(folder), batch_size=4, image_size=16, **ONE)
     assert len(list(ev)) == 3 and len(decoding()) == before  # a finished pass stops its threads itself
+    ev = data.make_eval_iterator(folder_cfg(folder), batch_size=2, image_size=16, **ONE)
+    next(ev)  # an evaluation that stops early drops its iterator: the batches decoded ahead are cancelled
+    assert len(decoding()) > before
+    del ev
+    deadline = time.monotonic() + 10
+    while len(decoding()) > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(decoding()) == before
 
 
 def test_pipeline_pil_is_refused_for_tfds_records():
