@@ -6,13 +6,15 @@ what the folder source itself logs (listing and checking times per split).
     python bench/folder_startup.py --root /data/imagenet --classes 0 # an existing folder
     python bench/folder_startup.py --code /path/to/other/checkout --no-monitor-key   # another version of the code
     python bench/folder_startup.py --scan-only       # the dataset scan alone (`data.dataset_info`), fresh processes
+    python bench/folder_startup.py --classes 0 --keep-manifest --starts 3 --override data.pipeline=tf   # tf.data
 
 Each start is `python pretrain.py data=folder data.path=<root> steps=3 log_every=1 ...` in a fresh run dir, with the
-default model and `target=pixel`, so the figure is not a tokenizer fit; the time to the first step is when
-metrics.jsonl gets its first row (the first step done). Also printed: the step's own time (steady state, from the
-rows of steps 2 and 3), the machine load, the compile time the run reports (results.json; a load from JAX's
-persistent compilation cache on later starts), and the CPU time of the run. The starts share a compile cache of
-their own (JAX_COMPILATION_CACHE_DIR in a temporary dir: the scripts' ~/.cache/sslvit/jax, empty at first).
+default model, the folder's default pipeline (Pillow's) and `target=pixel`, so the figure is not a tokenizer fit;
+the time to the first step is when metrics.jsonl gets its first row (the first step done). Also printed: the step's
+own time (steady state, from the rows of steps 2 and 3), the machine load, the compile time the run reports
+(results.json; a load from JAX's persistent compilation cache on later starts), and the CPU time of the run. The
+starts share a compile cache of their own (JAX_COMPILATION_CACHE_DIR in a temporary dir: the scripts'
+~/.cache/sslvit/jax, empty at first).
 """
 
 from __future__ import annotations
