@@ -10,7 +10,8 @@ what the folder source itself logs (listing and checking times per split).
 
 Each start is `python pretrain.py data=folder data.path=<root> steps=3 log_every=1 ...` in a fresh run dir, with the
 default model, the folder's default pipeline (Pillow's) and `target=pixel`, so the figure is not a tokenizer fit;
-the time to the first step is when metrics.jsonl gets its first row (the first step done). Also printed: the step's
+the time to the first step is when metrics.jsonl gets its first row (the first step done); "ready to train" is when
+the run logs its summary line, right before it makes the input iterator and starts the loop. Also printed: the step's
 own time (steady state, from the rows of steps 2 and 3), the machine load, the compile time the run reports
 (results.json; a load from JAX's persistent compilation cache on later starts), and the CPU time of the run. The
 starts share a compile cache of their own (JAX_COMPILATION_CACHE_DIR in a temporary dir: the scripts'
@@ -20,6 +21,7 @@ starts share a compile cache of their own (JAX_COMPILATION_CACHE_DIR in a tempor
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -58,6 +60,7 @@ def start_once(code: Path, root: Path, run_dir: Path, extra: list[str], jax_cach
         *extra,
     ]
     env = dict(os.environ, PYTHONPATH=str(code), JAX_COMPILATION_CACHE_DIR=str(jax_cache))
+    launched = datetime.datetime.now()
     t0 = time.perf_counter()
     c0 = os.times()
     proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -77,7 +80,14 @@ def start_once(code: Path, root: Path, run_dir: Path, extra: list[str], jax_cach
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     ips = [r["images_per_sec"] for r in rows if r.get("step", 0) >= 2 and "images_per_sec" in r]
     folder_lines = [line.split(" - ")[-1] for line in log.splitlines() if re.search(r"folder split|checking \d+", line)]
+    ready = [
+        line
+        for line in log.splitlines()
+        if re.search(r"\]\[sslvit\.pretraining\]\[INFO\] - pretraining .*from step", line)
+    ]
+    stamp = datetime.datetime.strptime(ready[0][1:24], "%Y-%m-%d %H:%M:%S,%f") if ready else None
     return {
+        "ready_s": (stamp - launched).total_seconds() if stamp else None,
         "first_step_s": first,
         "exit_s": total,
         "cpu_s": (c1.children_user + c1.children_system) - (c0.children_user + c0.children_system),
@@ -152,7 +162,8 @@ def main():
         for i in range(args.starts):
             r = start_once(Path(args.code), root, Path(tmp) / f"run{i}", extra, Path(tmp) / "jax_cache")
             print(
-                f"start {i + 1}: first step done after {r['first_step_s']:.1f}s (the step itself {r['step_s']:.1f}s; "
+                f"start {i + 1}: ready to train after {r['ready_s']:.1f}s, first step done after "
+                f"{r['first_step_s']:.1f}s (the step itself {r['step_s']:.1f}s; "
                 f"exit {r['exit_s']:.1f}s, {r['cpu_s']:.1f} CPU-s, step compile {r['compile_s']}s, "
                 f"load {os.getloadavg()[0]:.2f})"
             )
