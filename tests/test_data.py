@@ -537,6 +537,19 @@ def test_folder_split_slices_and_shards(folder, pipeline):
     assert sum(int(b["valid"].sum()) for s in ev for b in s) == 20
 
 
+def test_folder_train_shards_are_disjoint_and_cover_the_split(folder, pipeline):
+    """Two processes' first epochs (plain transform: one image per file) read disjoint halves of the split."""
+    cfg = folder_cfg(folder, pipeline=pipeline)
+    seen = []
+    for pi in range(2):
+        it = data.make_train_iterator(
+            cfg, batch_size=5, image_size=16, seed=1, augment=False, process_index=pi, process_count=2
+        )
+        assert it.steps_per_epoch == 2
+        seen.append({digest(x) for b in take(it, 2) for x in b["image"]})
+    assert len(seen[0]) == len(seen[1]) == 10 and not seen[0] & seen[1]
+
+
 def test_folder_bad_layouts(tmp_path, folder):
     with pytest.raises(ConfigError, match="data.path=.* does not exist"):
         data.dataset_info(folder_cfg(tmp_path / "nope"))
