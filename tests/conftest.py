@@ -8,8 +8,11 @@ prepared for tfds in $TFDS_DATA_DIR; without it, tests using it are skipped with
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
@@ -57,6 +60,27 @@ def compose_config(config_name: str, overrides: Sequence[str] = ()):
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name, overrides=list(overrides))
+
+
+def run_without_tensorflow(data_overrides: Sequence[str], out_dir: Path) -> dict:
+    """Pretraining, probe and fine-tuning on the given data in a fresh interpreter with TensorFlow blocked from import
+    (tests/workers/no_tensorflow.py): {'results': {stage: results}, 'tensorflow_modules': [those loaded]}."""
+    workers = Path(__file__).resolve().parent / "workers"
+    env = dict(
+        os.environ,
+        PYTHONPATH=f"{workers.parent}{os.pathsep}{workers.parents[1]}",
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="3",
+    )
+    proc = subprocess.run(
+        [sys.executable, str(workers / "no_tensorflow.py"), json.dumps(list(data_overrides)), str(out_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads([s for s in proc.stdout.splitlines() if s.startswith("RESULT ")][-1][len("RESULT ") :])
 
 
 @pytest.fixture(scope="session")

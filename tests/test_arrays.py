@@ -5,16 +5,12 @@ fine-tuning run end to end with TensorFlow blocked from import."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from conftest import requires_cifar10
+from conftest import requires_cifar10, run_without_tensorflow
 from omegaconf import OmegaConf
 
 from sslvit import data
@@ -198,35 +194,15 @@ def test_device_path_makes_the_host_iterators_batches(cifar10_arrays, with_label
 def test_pretrain_probe_and_finetune_run_with_tensorflow_blocked(cifar10_arrays, tmp_path):
     """On a host with only the JAX stack: `import tensorflow` fails (sys.modules entries set to None) and the three
     stages still run on the arrays source, loading no TensorFlow module."""
-    from test_distributed import WORKERS
-
-    env = dict(
-        os.environ,
-        PYTHONPATH=f"{WORKERS.parent}{os.pathsep}{WORKERS.parents[1]}",
-        JAX_PLATFORMS="cpu",
-        TF_CPP_MIN_LOG_LEVEL="3",
-    )
-    proc = subprocess.run(
+    out = run_without_tensorflow(
         [
-            sys.executable,
-            str(WORKERS / "no_tensorflow.py"),
-            json.dumps(
-                [
-                    "data=cifar10_arrays",
-                    f"data.path={cifar10_arrays}",
-                    "data.train_split='train[:512]'",
-                    "data.test_split='test[:100]'",
-                ]
-            ),
-            str(tmp_path),
+            "data=cifar10_arrays",
+            f"data.path={cifar10_arrays}",
+            "data.train_split='train[:512]'",
+            "data.test_split='test[:100]'",
         ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        tmp_path,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads([s for s in proc.stdout.splitlines() if s.startswith("RESULT ")][-1][len("RESULT ") :])
     assert out["tensorflow_modules"] == []
     pre, probe, ft = out["results"]["pretrain"], out["results"]["probe"], out["results"]["finetune"]
     assert pre["steps"] == 4 and np.isfinite(pre["train_loss"]) and pre["test_batches"] == 2

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cifar10_dir, requires_cifar10
+from conftest import cifar10_dir, requires_cifar10, run_without_tensorflow
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -690,28 +690,13 @@ def test_pipeline_pil_is_refused_for_tfds_records():
 def test_folder_stages_run_with_tensorflow_blocked(tmp_path):
     """On a host with only the JAX stack, pretraining, probe and fine-tuning run on an image folder (the Pillow
     pipeline), loading no TensorFlow module."""
-    import json
-    import subprocess
-    import sys
-
-    from test_distributed import WORKERS
-
     root = tmp_path / "images"
     for split, count in (("train", 64), ("test", 32)):
         for cls, color in (("cat", (220, 30, 30)), ("dog", (30, 30, 220))):
             for i in range(count):
                 _write(root / split / cls / f"{i}.jpg", color, ((40, 30), (24, 24), (30, 50))[i % 3], "JPEG")
-    env = dict(os.environ, PYTHONPATH=f"{WORKERS.parent}{os.pathsep}{WORKERS.parents[1]}", JAX_PLATFORMS="cpu")
     overrides = ["data=folder", f"data.path={root}", "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]"]
-    proc = subprocess.run(
-        [sys.executable, str(WORKERS / "no_tensorflow.py"), json.dumps(overrides), str(tmp_path / "runs")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads([s for s in proc.stdout.splitlines() if s.startswith("RESULT ")][-1][len("RESULT ") :])
+    out = run_without_tensorflow(overrides, tmp_path / "runs")
     assert out["tensorflow_modules"] == []
     pre, probe, ft = out["results"]["pretrain"], out["results"]["probe"], out["results"]["finetune"]
     assert pre["steps"] == 4 and np.isfinite(pre["train_loss"]) and pre["test_batches"] == 2

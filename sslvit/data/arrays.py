@@ -23,8 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from sslvit.config.checks import Integer
-from sslvit.data.config import DataConfig, DatasetInfo, check_crop_scale, check_num_classes, one_line, processes
+from sslvit.data.config import (
+    DataConfig,
+    DatasetInfo,
+    check_batch_fits,
+    check_num_classes,
+    eval_args,
+    one_line,
+    train_args,
+)
 from sslvit.data.sources import SOURCES, Source, create_source
 from sslvit.errors import ConfigError
 
@@ -322,21 +329,20 @@ def make_train_iterator(
     process_count: int | None = None,
 ) -> ArraysTrainIterator:
     """The arrays source's training batches: as `sslvit.data.iterators.make_train_iterator`, without TensorFlow."""
-    dc = DataConfig.from_cfg(cfg)
-    batch_size = Integer(min=1)(batch_size, "batch_size")
-    image_size = Integer(min=1)(image_size, "image_size")
-    seed = Integer(min=0)(seed, "seed")
-    start_step = Integer(min=0)(start_step, "start_step")
-    scale = dc.crop_scale if crop_scale is None else check_crop_scale(crop_scale, "crop_scale")
-    pi, pc = processes(process_index, process_count)
+    a = train_args(
+        cfg,
+        batch_size=batch_size,
+        image_size=image_size,
+        seed=seed,
+        start_step=start_step,
+        crop_scale=crop_scale,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    dc, batch_size, image_size, seed, start_step, scale, pi, pc = a
     source = create_source(dc)
     data = source.arrays(dc.train_split, pi, pc, True)
-    n = len(data["label"])
-    if n // batch_size == 0:
-        raise ConfigError(
-            f"batch_size={batch_size} (per process) exceeds the {n} training examples of process {pi}'s "
-            f"shard of data.train_split={dc.train_split!r}; lower the batch size or use a larger split"
-        )
+    check_batch_fits(len(data["label"]), a)
     return ArraysTrainIterator(
         data,
         batch_size=batch_size,
@@ -361,13 +367,14 @@ def make_eval_iterator(
 ) -> ArraysEvalIterator:
     """One pass over this process's shard of `split` (default data.test_split): as
     `sslvit.data.iterators.make_eval_iterator`, without TensorFlow."""
-    dc = DataConfig.from_cfg(cfg)
-    split = dc.test_split if split is None else split
-    if not isinstance(split, str) or not split:
-        raise ConfigError(f"split={split!r} must be a split name such as 'test' or 'validation'")
-    batch_size = Integer(min=1)(batch_size, "batch_size")
-    image_size = Integer(min=1)(image_size, "image_size")
-    pi, pc = processes(process_index, process_count)
+    dc, split, batch_size, image_size, pi, pc = eval_args(
+        cfg,
+        split,
+        batch_size=batch_size,
+        image_size=image_size,
+        process_index=process_index,
+        process_count=process_count,
+    )
     source = create_source(dc)
     sizes = [source.split_size(split, i, pc, False) for i in range(pc)]
     data = source.arrays(split, pi, pc, False)

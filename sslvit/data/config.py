@@ -5,6 +5,8 @@ The `data` config group itself, `DataConfig`, is declared with the other groups 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -33,6 +35,77 @@ def processes(process_index: int | None, process_count: int | None) -> tuple[int
     if process_index >= process_count:
         raise ConfigError(f"process_index={process_index} must be < process_count={process_count}")
     return process_index, process_count
+
+
+class TrainArgs(NamedTuple):
+    """The checked arguments of a pipeline's `make_train_iterator` (every pipeline checks them the same way)."""
+
+    dc: DataConfig
+    batch_size: int
+    image_size: int
+    seed: int
+    start_step: int
+    crop_scale: tuple[float, float]
+    process_index: int
+    process_count: int
+
+
+def train_args(
+    cfg: Any,
+    *,
+    batch_size: Any,
+    image_size: Any,
+    seed: Any,
+    start_step: Any,
+    crop_scale: Sequence[float] | None,
+    process_index: int | None,
+    process_count: int | None,
+) -> TrainArgs:
+    """`make_train_iterator`'s arguments checked (one-line ConfigErrors); crop_scale None -> data.crop_scale."""
+    dc = DataConfig.from_cfg(cfg)
+    scale = dc.crop_scale if crop_scale is None else check_crop_scale(crop_scale, "crop_scale")
+    return TrainArgs(
+        dc,
+        Integer(min=1)(batch_size, "batch_size"),
+        Integer(min=1)(image_size, "image_size"),
+        Integer(min=0)(seed, "seed"),
+        Integer(min=0)(start_step, "start_step"),
+        scale,
+        *processes(process_index, process_count),
+    )
+
+
+def check_batch_fits(n: int, a: TrainArgs) -> None:
+    """A process's training shard of `n` examples must hold one batch at least."""
+    if n // a.batch_size == 0:
+        raise ConfigError(
+            f"batch_size={a.batch_size} (per process) exceeds the {n} training examples of process "
+            f"{a.process_index}'s shard of data.train_split={a.dc.train_split!r}; lower the batch size or use a larger "
+            "split"
+        )
+
+
+def eval_args(
+    cfg: Any, split: Any, *, batch_size: Any, image_size: Any, process_index: int | None, process_count: int | None
+) -> tuple[DataConfig, str, int, int, int, int]:
+    """`make_eval_iterator`'s arguments checked: (DataConfig, split (default data.test_split), batch_size,
+    image_size, process index, process count)."""
+    dc = DataConfig.from_cfg(cfg)
+    split = dc.test_split if split is None else split
+    if not isinstance(split, str) or not split:
+        raise ConfigError(f"split={split!r} must be a split name such as 'test' or 'validation'")
+    batch_size = Integer(min=1)(batch_size, "batch_size")
+    image_size = Integer(min=1)(image_size, "image_size")
+    return (dc, split, batch_size, image_size, *processes(process_index, process_count))
+
+
+def eval_shard_sizes(source: Any, split: str, process_count: int, dc: DataConfig) -> list[int]:
+    """The examples of every process's shard of `split` (an evaluation pass pads all to the largest); one line if
+    the split is empty."""
+    sizes = [source.split_size(split, i, process_count, False) for i in range(process_count)]
+    if max(sizes) == 0:
+        raise ConfigError(f"split {split!r} of {dc.name} holds no examples; set data.test_split to another split")
+    return sizes
 
 
 def epoch_seeds(seed: int, epoch: int, process_index: int) -> tuple[int, int, int]:
@@ -107,9 +180,14 @@ __all__ = [
     "ON_CORRUPT",
     "check_classes",
     "check_crop_scale",
+    "check_batch_fits",
     "check_num_classes",
     "epoch_seeds",
+    "eval_args",
+    "eval_shard_sizes",
     "one_line",
     "processes",
+    "train_args",
+    "TrainArgs",
     "undecodable_message",
 ]

@@ -12,9 +12,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from sslvit.config.checks import Integer
 from sslvit.data._tf import AUTOTUNE, no_autograph, tf
-from sslvit.data.config import DataConfig, check_crop_scale, epoch_seeds, one_line, processes, undecodable_message
+from sslvit.data.config import (
+    DataConfig,
+    check_batch_fits,
+    epoch_seeds,
+    eval_args,
+    eval_shard_sizes,
+    one_line,
+    train_args,
+    undecodable_message,
+)
 from sslvit.data.sources import create_source
 from sslvit.data.transforms import augment_batch, augment_example, center_crop_resize, normalize, options
 from sslvit.errors import ConfigError
@@ -135,21 +143,21 @@ def make_train_iterator(
     partial batch of an epoch is dropped. augment: random-resized-crop (area `crop_scale`, default
     data.crop_scale) + horizontal flip (data.flip); else the evaluation transform. start_step: resume point.
     """
-    dc = DataConfig.from_cfg(cfg)
-    batch_size = Integer(min=1)(batch_size, "batch_size")
-    image_size = Integer(min=1)(image_size, "image_size")
-    seed = Integer(min=0)(seed, "seed")
-    start_step = Integer(min=0)(start_step, "start_step")
-    scale = dc.crop_scale if crop_scale is None else check_crop_scale(crop_scale, "crop_scale")
-    pi, pc = processes(process_index, process_count)
+    a = train_args(
+        cfg,
+        batch_size=batch_size,
+        image_size=image_size,
+        seed=seed,
+        start_step=start_step,
+        crop_scale=crop_scale,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    dc, batch_size, image_size, seed, start_step, scale, pi, pc = a
     source = create_source(dc)
     n = source.split_size(dc.train_split, pi, pc, True)
+    check_batch_fits(n, a)
     steps_per_epoch = n // batch_size
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"batch_size={batch_size} (per process) exceeds the {n} training examples of process {pi}'s shard of "
-            f"data.train_split={dc.train_split!r}; lower the batch size or use a larger split"
-        )
     base = source.examples(dc.train_split, pi, pc, True, None)[0].cache() if dc.cache else None
     buffer = min(dc.shuffle_buffer, n)
     fixed = source.fixed_shape
@@ -216,17 +224,16 @@ def make_eval_iterator(
 
     Every example is seen exactly once over all processes. Batches have static shape: the tail is padded
     with zero images, label 0 and valid=False, and every process yields the same number of batches."""
-    dc = DataConfig.from_cfg(cfg)
-    split = dc.test_split if split is None else split
-    if not isinstance(split, str) or not split:
-        raise ConfigError(f"split={split!r} must be a split name such as 'test' or 'validation'")
-    batch_size = Integer(min=1)(batch_size, "batch_size")
-    image_size = Integer(min=1)(image_size, "image_size")
-    pi, pc = processes(process_index, process_count)
+    dc, split, batch_size, image_size, pi, pc = eval_args(
+        cfg,
+        split,
+        batch_size=batch_size,
+        image_size=image_size,
+        process_index=process_index,
+        process_count=process_count,
+    )
     source = create_source(dc)
-    sizes = [source.split_size(split, i, pc, False) for i in range(pc)]
-    if max(sizes) == 0:
-        raise ConfigError(f"split {split!r} of {dc.name} holds no examples; set data.test_split to another split")
+    sizes = eval_shard_sizes(source, split, pc, dc)
     n = sizes[pi]
     num_batches = -(-max(sizes) // batch_size)
     ds, _ = source.examples(split, pi, pc, False, None)

@@ -32,14 +32,15 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from sslvit.config.checks import Integer
 from sslvit.data.config import (
     ASPECT_RATIO_RANGE,
     DataConfig,
-    check_crop_scale,
+    check_batch_fits,
     epoch_seeds,
+    eval_args,
+    eval_shard_sizes,
     one_line,
-    processes,
+    train_args,
     undecodable_message,
 )
 from sslvit.data.sources import create_source
@@ -184,7 +185,27 @@ class _Reader:
         self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
-class PilTrainIterator(Iterator[dict]):
+class _Closing:
+    """An iterator over a `_Reader`'s batches: `close()` stops its threads; dropped unclosed, it cancels what was
+    decoded ahead and lets the threads end."""
+
+    _reader: _Reader
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def __del__(self) -> None:
+        reader = getattr(self, "_reader", None)
+        if reader is not None:
+            reader.close(wait=False)
+
+
+def _plain(dc: DataConfig, image_size: int) -> Callable[[Any, Any], np.ndarray]:
+    """The evaluation transform of one file: the shorter side resized, the central S x S (data.eval_crop_pct)."""
+    return lambda data, _: load_window(data, image_size, lambda h, w: center_window(h, w, image_size, dc.eval_crop_pct))
+
+
+class PilTrainIterator(_Closing, Iterator[dict]):
     """Endless training batches {'image': float32 (B, S, S, 3) normalised, 'label': int32 (B,)}, step after step.
 
     `step` is the index of the next batch; batch k is the same whether reached by k calls of `next` or by
@@ -206,10 +227,7 @@ class PilTrainIterator(Iterator[dict]):
                 return image[:, ::-1] if flip and rng.random() < 0.5 else image
 
         else:
-
-            def transform(data, rng_seed):
-                return load_window(data, image_size, lambda h, w: center_window(h, w, image_size, dc.eval_crop_pct))
-
+            transform = _plain(dc, image_size)
         self._reader = _Reader(dc, image_size, transform)
 
     @property
@@ -245,29 +263,16 @@ class PilTrainIterator(Iterator[dict]):
         self.step += 1
         return {"image": image, "label": label}
 
-    def close(self) -> None:
-        self._reader.close()
 
-    def __del__(self) -> None:  # dropped unclosed: cancel what was decoded ahead, let the threads end
-        reader = getattr(self, "_reader", None)
-        if reader is not None:
-            reader.close(wait=False)
-
-
-class PilEvalIterator(Iterator[dict]):
+class PilEvalIterator(_Closing, Iterator[dict]):
     """One pass: {'image', 'label', 'valid': bool (B,)}; the last batches padded (valid False), the same number of
     batches on every process. `len()` is the number of batches."""
 
     def __init__(self, paths, labels, dc: DataConfig, *, batch_size: int, image_size: int, num_batches: int):
         self._paths, self._labels, self.batch_size, self.num_batches = paths, labels, batch_size, num_batches
         self.num_examples = len(paths)  # real examples on this process
-        self._next = 0
-
-        def transform(data, _):
-            return load_window(data, image_size, lambda h, w: center_window(h, w, image_size, dc.eval_crop_pct))
-
-        self._reader = _Reader(dc, image_size, transform)
-        self._submitted = 0
+        self._next = self._submitted = 0
+        self._reader = _Reader(dc, image_size, _plain(dc, image_size))
 
     def __len__(self) -> int:
         return self.num_batches
@@ -287,14 +292,6 @@ class PilEvalIterator(Iterator[dict]):
         _, image, label, valid = self._reader.take()
         self._next += 1
         return {"image": image, "label": label, "valid": valid}
-
-    def close(self) -> None:
-        self._reader.close()
-
-    def __del__(self) -> None:  # dropped unclosed: cancel what was decoded ahead, let the threads end
-        reader = getattr(self, "_reader", None)
-        if reader is not None:
-            reader.close(wait=False)
 
 
 def _box(window: tuple[int, int, int, int]) -> tuple[float, float, float, float]:
@@ -316,20 +313,19 @@ def make_train_iterator(
 ) -> PilTrainIterator:
     """Endless, deterministic, resumable training batches of this process's shard of `data.train_split`, decoded
     with Pillow (as `sslvit.data.iterators.make_train_iterator`, without TensorFlow)."""
-    dc = DataConfig.from_cfg(cfg)
-    batch_size = Integer(min=1)(batch_size, "batch_size")
-    image_size = Integer(min=1)(image_size, "image_size")
-    seed = Integer(min=0)(seed, "seed")
-    start_step = Integer(min=0)(start_step, "start_step")
-    scale = dc.crop_scale if crop_scale is None else check_crop_scale(crop_scale, "crop_scale")
-    pi, pc = processes(process_index, process_count)
+    a = train_args(
+        cfg,
+        batch_size=batch_size,
+        image_size=image_size,
+        seed=seed,
+        start_step=start_step,
+        crop_scale=crop_scale,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    dc, batch_size, image_size, seed, start_step, scale, pi, pc = a
     source = create_source(dc)
-    n = source.split_size(dc.train_split, pi, pc, True)
-    if n // batch_size == 0:
-        raise ConfigError(
-            f"batch_size={batch_size} (per process) exceeds the {n} training examples of process {pi}'s shard of "
-            f"data.train_split={dc.train_split!r}; lower the batch size or use a larger split"
-        )
+    check_batch_fits(source.split_size(dc.train_split, pi, pc, True), a)
     return PilTrainIterator(
         source,
         dc,
@@ -355,17 +351,16 @@ def make_eval_iterator(
 ) -> PilEvalIterator:
     """One pass over this process's shard of `split` (default data.test_split), no augmentation, decoded with Pillow
     (as `sslvit.data.iterators.make_eval_iterator`, without TensorFlow)."""
-    dc = DataConfig.from_cfg(cfg)
-    split = dc.test_split if split is None else split
-    if not isinstance(split, str) or not split:
-        raise ConfigError(f"split={split!r} must be a split name such as 'test' or 'validation'")
-    batch_size = Integer(min=1)(batch_size, "batch_size")
-    image_size = Integer(min=1)(image_size, "image_size")
-    pi, pc = processes(process_index, process_count)
+    dc, split, batch_size, image_size, pi, pc = eval_args(
+        cfg,
+        split,
+        batch_size=batch_size,
+        image_size=image_size,
+        process_index=process_index,
+        process_count=process_count,
+    )
     source = create_source(dc)
-    sizes = [source.split_size(split, i, pc, False) for i in range(pc)]
-    if max(sizes) == 0:
-        raise ConfigError(f"split {split!r} of {dc.name} holds no examples; set data.test_split to another split")
+    sizes = eval_shard_sizes(source, split, pc, dc)
     paths, labels = source.file_shard(split, pi, pc, False, None)
     return PilEvalIterator(
         paths, labels, dc, batch_size=batch_size, image_size=image_size, num_batches=-(-max(sizes) // batch_size)
